@@ -1,0 +1,62 @@
+"""Tiny randomly initialised timm models: every family vitlora supports, in milliseconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+MODEL_NAMES = (
+    "vit_tiny_patch16_224",
+    "deit_tiny_distilled_patch16_224",
+    "vit_small_patch14_reg4_dinov2",
+    "eva02_tiny_patch14_224",
+    "eva02_large_patch14_clip_224",
+    "vit_base_patch16_clip_224",
+    "vit_base_patch16_siglip_224",
+)
+IMG_SIZE = 32
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REAL_WEIGHTS = SHARED / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+
+
+def tiny_model(name: str = "vit_tiny_patch16_224", num_classes: int = 5, seed: int = 0, **kwargs):
+    """A 2-block, 64-wide version of a timm model, with layer scales large enough to matter."""
+    torch.manual_seed(seed)
+    config = dict(img_size=IMG_SIZE, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+    config.update(kwargs)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **config)
+    if num_classes != 5:  # timm's init order makes block weights depend on the head size
+        model.reset_classifier(num_classes)
+    torch.manual_seed(seed)  # the same base weights whatever the head size
+    with torch.no_grad():  # DINOv2's layer scale starts at 1e-5, EVA's head near 0: wake them up
+        for key, tensor in sorted(
+            model.named_parameters(), key=lambda kv: kv[0].startswith("head")
+        ):
+            if key.endswith(".gamma") or "bias" in key:
+                tensor.normal_(0.0, 0.5)
+            elif key.startswith("head") and key.endswith("weight"):
+                tensor.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, IMG_SIZE, IMG_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_lora(model, std: float = 0.2, seed: int = 2) -> None:
+    """Gives every LoRA B a non-zero value so updates actually change outputs."""
+    from vitlora import LoRALinear
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator) * std)
+
+
+@pytest.fixture(params=MODEL_NAMES)
+def model_name(request) -> str:
+    return request.param

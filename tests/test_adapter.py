@@ -1,0 +1,260 @@
+import json
+
+import pytest
+import torch
+from conftest import images, randomize_lora, tiny_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from vitlora import (
+    AdapterError,
+    LoRAConfig,
+    base_fingerprint,
+    inject_lora,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
+from vitlora.lora import lora_modules
+
+CLASSES = ["apple", "banana", "carrot", "dates", "eggplant"]
+
+
+def trained_adapter(tmp_path, name="vit_tiny_patch16_224", **config):
+    """A LoRA model with non-zero updates and a changed head, saved to ``adapter.safetensors``."""
+    model = tiny_model(name)
+    inject_lora(model, LoRAConfig(rank=4, **config))
+    randomize_lora(model)
+    with torch.no_grad():
+        model.head.weight.add_(0.3)
+    path = save_adapter(model, tmp_path / "adapter.safetensors", class_names=CLASSES, run="test")
+    return model, path
+
+
+class ModelState:
+    """Everything load_adapter could change, to assert a failed load changed nothing."""
+
+    def __init__(self, model):
+        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.types = [(n, type(m)) for n, m in model.named_modules()]
+        self.grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        self.num_classes = model.num_classes
+        self.output = model(images())
+
+    def assert_unchanged(self, model):
+        assert [(n, type(m)) for n, m in model.named_modules()] == self.types
+        assert model.state_dict().keys() == self.state.keys()
+        assert all(torch.equal(v, self.state[k]) for k, v in model.state_dict().items())
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == self.grad
+        assert model.num_classes == self.num_classes
+        assert torch.equal(model(images()), self.output)
+
+
+@pytest.mark.parametrize("targets", [("q", "v"), ("qkv", "proj", "fc1", "fc2")])
+def test_round_trip_gives_identical_logits(tmp_path, model_name, targets):
+    model = tiny_model(model_name)
+    inject_lora(model, LoRAConfig(rank=4, targets=targets))
+    randomize_lora(model)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    plain = tiny_model(model_name, num_classes=1000)
+    loaded = load_adapter(plain, path)
+    assert loaded is plain and loaded.num_classes == 5
+    assert torch.equal(loaded(images()), model(images()))
+    assert [n for n, _ in lora_modules(loaded)] == [n for n, _ in lora_modules(model)]
+
+
+def test_file_opens_with_safetensors_alone_and_holds_only_adapter_tensors(tmp_path):
+    model, path = trained_adapter(tmp_path)
+    tensors = load_file(path)
+    assert set(tensors) == {f"blocks.{i}.attn.qkv.lora_{m}" for i in range(2) for m in "AB"} | {
+        "head.weight",
+        "head.bias",
+    }
+    assert torch.equal(tensors["head.weight"], model.head.weight)
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    assert meta["format"] == "vitlora.adapter"
+    assert json.loads(meta["lora_config"])["rank"] == 4
+    assert meta["model_name"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    assert meta["num_classes"] == "5" and json.loads(meta["class_names"]) == CLASSES
+    assert meta["base_fingerprint"] == base_fingerprint(tiny_model())
+    assert {"vitlora_version", "timm_version", "torch_version"} <= meta.keys()
+    adapter = read_adapter(path)
+    assert adapter.class_names == CLASSES and adapter.metadata["run"] == "test"
+    assert adapter.config == LoRAConfig(rank=4)
+
+
+def test_adapter_is_tiny_next_to_the_model(tmp_path):
+    model = tiny_model(embed_dim=192, num_heads=3, depth=4)
+    inject_lora(model, LoRAConfig(rank=4))
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    full = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert path.stat().st_size < full / 10
+
+
+def test_class_names_must_match_num_classes(tmp_path):
+    model = inject_lora(tiny_model(), LoRAConfig())
+    with pytest.raises(ValueError, match="3 class names for a model with 5 classes"):
+        save_adapter(model, tmp_path / "a.safetensors", class_names=["a", "b", "c"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_saving_a_model_without_lora_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="inject_lora"):
+        save_adapter(tiny_model(), tmp_path / "a.safetensors")
+
+
+def test_fingerprint_ignores_dtype_lora_and_head_but_not_other_weights():
+    model = tiny_model()
+    fingerprint = base_fingerprint(model)
+    assert base_fingerprint(tiny_model(num_classes=9)) == fingerprint
+    assert base_fingerprint(tiny_model().to(torch.bfloat16)) == fingerprint
+    assert base_fingerprint(inject_lora(tiny_model(), LoRAConfig())) == fingerprint
+    assert base_fingerprint(tiny_model(seed=1)) != fingerprint
+
+
+# --- bad input: a clear error, and the model exactly as it was ------------------------------
+
+
+def rewrite(path, tensors=None, metadata=None):
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    save_file(tensors if tensors is not None else load_file(path), path, metadata=metadata or meta)
+
+
+def corrupt_missing(path):
+    tensors = load_file(path)
+    del tensors["blocks.1.attn.qkv.lora_B"]
+    rewrite(path, tensors)
+
+
+def corrupt_misshapen(path):
+    tensors = load_file(path)
+    tensors["blocks.0.attn.qkv.lora_A"] = torch.zeros(3, 64)
+    rewrite(path, tensors)
+
+
+def corrupt_unexpected(path):
+    rewrite(path, {**load_file(path), "blocks.0.attn.proj.lora_A": torch.zeros(4, 64)})
+
+
+def corrupt_truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+
+
+def corrupt_not_safetensors(path):
+    path.write_text("this is not an adapter\n")
+
+
+def corrupt_foreign_safetensors(path):
+    save_file({"w": torch.zeros(2)}, path)
+
+
+def corrupt_config(path):
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    rewrite(path, metadata={**meta, "lora_config": json.dumps({"rank": -1})})
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (corrupt_missing, r"missing: blocks\.1\.attn\.qkv\.lora_B"),
+        (corrupt_misshapen, r"misshapen: blocks\.0\.attn\.qkv\.lora_A \(3, 64\) != \(8, 64\)"),
+        (corrupt_unexpected, r"unexpected: blocks\.0\.attn\.proj\.lora_A"),
+        (corrupt_truncated, "not a readable safetensors file"),
+        (corrupt_not_safetensors, "not a readable safetensors file"),
+        (corrupt_foreign_safetensors, "not a vitlora adapter"),
+        (corrupt_config, "invalid metadata.*rank"),
+    ],
+)
+def test_bad_files_raise_a_clear_error_and_leave_the_model_unchanged(tmp_path, corrupt, message):
+    _, path = trained_adapter(tmp_path)
+    corrupt(path)
+    model = tiny_model(num_classes=1000)
+    before = ModelState(model)
+    with pytest.raises(AdapterError, match=message) as error:
+        load_adapter(model, path)
+    assert str(path) in str(error.value)
+    before.assert_unchanged(model)
+
+
+def test_other_base_weights_are_refused_unless_overridden(tmp_path):
+    _, path = trained_adapter(tmp_path)
+    other = tiny_model(seed=7)
+    before = ModelState(other)
+    with pytest.raises(AdapterError, match="base weights differ"):
+        load_adapter(other, path)
+    before.assert_unchanged(other)
+    load_adapter(other, path, check_base=False)
+    assert lora_modules(other)
+
+
+def test_another_architecture_is_refused(tmp_path):
+    _, path = trained_adapter(tmp_path)
+    other = tiny_model("deit_tiny_distilled_patch16_224")
+    before = ModelState(other)
+    with pytest.raises(
+        AdapterError, match=r"architecture 'vit_tiny_patch16_224'.*deit_tiny_distilled"
+    ):
+        load_adapter(other, path)
+    before.assert_unchanged(other)
+
+
+def test_a_model_that_already_has_lora_is_refused(tmp_path):
+    _, path = trained_adapter(tmp_path)
+    model = inject_lora(tiny_model(), LoRAConfig(targets=("fc2",)))
+    before = ModelState(model)
+    with pytest.raises(AdapterError, match="already has LoRA"):
+        load_adapter(model, path)
+    before.assert_unchanged(model)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(AdapterError, match=r"nope\.safetensors: no such adapter file"):
+        load_adapter(tiny_model(), tmp_path / "nope.safetensors")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("import builtins; builtins.VITLORA_PWNED = True",))
+
+
+def test_a_pickled_file_is_never_unpickled(tmp_path):
+    import builtins
+
+    path = tmp_path / "evil.safetensors"
+    torch.save({"payload": _Exploit()}, path)
+    model = tiny_model()
+    before = ModelState(model)
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        load_adapter(model, path)
+    assert not hasattr(builtins, "VITLORA_PWNED")
+    before.assert_unchanged(model)
+
+
+def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    model, path = trained_adapter(tmp_path)
+    original = path.read_bytes()
+
+    def crash_halfway(self, data):
+        with open(self, "wb") as handle:
+            handle.write(data[: len(data) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr("pathlib.Path.write_bytes", crash_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, path)
+    assert path.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]
+
+
+def test_load_onto_a_model_on_another_dtype_keeps_that_dtype(tmp_path):
+    model, path = trained_adapter(tmp_path)
+    plain = tiny_model().to(torch.bfloat16)
+    load_adapter(plain, path)
+    assert plain.blocks[0].attn.qkv.lora_B.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        plain(images().bfloat16()).float(), model(images()), atol=0.1, rtol=0.05
+    )

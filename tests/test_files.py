@@ -1,0 +1,47 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vitlora.files import atomic_write, read_state_dict
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_write(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash")
+    assert target.read_bytes() == b"old"
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_read_state_dict_reads_safetensors_and_weights_only_checkpoints(tmp_path):
+    weights = {"w": torch.arange(4.0)}
+    save_file(weights, tmp_path / "w.safetensors")
+    torch.save({"state_dict": weights}, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        assert torch.equal(read_state_dict(tmp_path / name)["w"], weights["w"])
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("import builtins; builtins.VITLORA_FILES_PWNED = True",))
+
+
+def test_read_state_dict_never_unpickles_objects(tmp_path):
+    import builtins
+
+    torch.save({"w": _Exploit()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match=r"evil\.pth: cannot be read as a weights-only"):
+        read_state_dict(tmp_path / "evil.pth")
+    assert not hasattr(builtins, "VITLORA_FILES_PWNED")
+
+
+@pytest.mark.parametrize("name", ["bad.safetensors", "missing.pth"])
+def test_read_state_dict_names_the_file(tmp_path, name):
+    (tmp_path / "bad.safetensors").write_text("nope")
+    with pytest.raises((ValueError, FileNotFoundError), match=name):
+        read_state_dict(tmp_path / name)

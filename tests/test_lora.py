@@ -1,0 +1,321 @@
+import math
+
+import pytest
+import timm
+import torch
+from conftest import MODEL_NAMES, images, randomize_lora, tiny_model
+from torch import nn
+
+from vitlora import LoRAConfig, LoRALinear, count_parameters, inject_lora, merge_lora, remove_lora
+from vitlora.lora import lora_modules
+
+ALL_TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
+
+
+def module_types(model):
+    return [(name, type(module)) for name, module in model.named_modules()]
+
+
+# --- config -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, "rank"),
+        ({"rank": 2.5}, "rank"),
+        ({"alpha": 0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"targets": ("q", "x")}, "'q', 'k', 'v', 'qkv', 'proj', 'fc1', 'fc2'"),
+        ({"targets": ()}, "choose one or more"),
+        ({"targets": ("q", "q")}, "distinct"),
+        ({"targets": ("qkv", "v")}, "either 'qkv'"),
+    ],
+)
+def test_invalid_config_values_are_rejected_with_the_valid_ones(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoRAConfig(**kwargs)
+
+
+def test_config_round_trips_through_json_and_has_the_documented_defaults():
+    config = LoRAConfig()
+    assert (config.rank, config.alpha, config.dropout, config.targets) == (8, 16.0, 0.0, ("q", "v"))
+    assert config.blocks is None and config.use_rslora is False
+    custom = LoRAConfig(rank=4, alpha=8, targets=["qkv", "fc2"], blocks=[0, -1], use_rslora=True)
+    assert LoRAConfig.from_json(custom.to_json()) == custom
+    assert custom.scaling == pytest.approx(8 / math.sqrt(4))
+    assert LoRAConfig(rank=4, alpha=8).scaling == 2.0
+
+
+def test_out_of_range_blocks_name_the_valid_range():
+    with pytest.raises(ValueError, match=r"has 2 blocks, valid indices are 0..1 or -2..-1"):
+        inject_lora(tiny_model(), LoRAConfig(blocks=[2]))
+
+
+def test_model_without_supported_attention_names_what_was_looked_for():
+    model = timm.create_model("resnet10t", num_classes=3)
+    with pytest.raises(ValueError, match=r"blocks\[i\]\.attn.*qkv.*q_proj"):
+        inject_lora(model, LoRAConfig())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# --- the layer --------------------------------------------------------------------------
+
+
+def test_initialisation_is_kaiming_uniform_a_and_zero_b():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(256, 768), LoRAConfig(rank=8), slices=[(0, 256), (512, 768)])
+    assert layer.lora_A.shape == (16, 256) and layer.lora_B.shape == (512, 8)
+    bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt(5)) bound for fan_in 256
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(layer.lora_B) == 0
+
+
+def test_fused_qkv_update_changes_only_the_targeted_slices():
+    torch.manual_seed(0)
+    base = nn.Linear(32, 96)
+    x = torch.randn(4, 7, 32)
+    for parts, slices in [(("q", "v"), [(0, 32), (64, 96)]), (("k",), [(32, 64)])]:
+        layer = LoRALinear(base, LoRAConfig(rank=4), slices=slices, parts=parts)
+        randomize_lora(layer)
+        changed = (layer(x) - base(x)).abs().amax(dim=(0, 1))
+        for start, stop in [(0, 32), (32, 64), (64, 96)]:
+            if (start, stop) in slices:
+                assert changed[start:stop].min() > 1e-4, f"{parts}: slice {start}:{stop} unchanged"
+            else:
+                assert torch.equal(changed[start:stop], torch.zeros(stop - start)), f"{parts}: leak"
+
+
+def test_each_slice_gets_an_independent_rank_r_update():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(32, 96), LoRAConfig(rank=2, alpha=2), slices=[(0, 32), (64, 96)])
+    randomize_lora(layer)
+    delta = layer.delta_weight()
+    b_q, b_v = layer.lora_B.split([32, 32])
+    a_q, a_v = layer.lora_A.split([2, 2])
+    torch.testing.assert_close(delta[:32], b_q @ a_q)
+    torch.testing.assert_close(delta[64:], b_v @ a_v)
+    assert torch.count_nonzero(delta[32:64]) == 0
+    assert torch.linalg.matrix_rank(delta[:32]) == 2 and torch.linalg.matrix_rank(delta) == 4
+
+
+def test_forward_matches_the_dense_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 48)
+    layer = LoRALinear(base, LoRAConfig(rank=3, alpha=5), slices=[(16, 32), (32, 48)])
+    randomize_lora(layer)
+    x = torch.randn(5, 16)
+    expected = x @ (base.weight + layer.delta_weight()).T + base.bias
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_acts_on_the_lora_path_only():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 16)
+    layer = LoRALinear(base, LoRAConfig(rank=4, dropout=0.5)).train()
+    x = torch.randn(8, 16)
+    assert torch.equal(layer(x), base(x))  # B = 0: dropout must not touch the base path
+    randomize_lora(layer)
+    assert not torch.allclose(layer(x), layer(x))  # active on the LoRA path in training
+    layer.eval()
+    torch.testing.assert_close(layer(x), x @ (base.weight + layer.delta_weight()).T + base.bias)
+
+
+# --- injection over the model matrix --------------------------------------------------
+
+
+def test_zero_init_leaves_outputs_unchanged(model_name):
+    model = tiny_model(model_name)
+    x = images()
+    expected = model(x)
+    inject_lora(model, LoRAConfig(targets=ALL_TARGETS))
+    assert torch.equal(model(x), expected)
+
+
+def test_lora_takes_effect_in_every_family(model_name):
+    """The worst bug is a LoRA that silently does nothing (PEFT on EVA-02's fused qkv)."""
+    model = tiny_model(model_name)
+    x = images()
+    expected = model(x)
+    inject_lora(model, LoRAConfig(targets=("q", "v")))
+    randomize_lora(model)
+    assert (model(x) - expected).abs().max() > 1e-3
+    for name, layer in lora_modules(model):  # each wrapper, called alone, returns its update
+        inputs = torch.randn(3, layer.in_features)
+        assert not torch.allclose(
+            layer(inputs), nn.functional.linear(inputs, layer.weight, layer.bias)
+        ), name
+
+
+def test_eva_fused_qkv_with_q_v_biases_is_routed_through_the_lora_module():
+    model = tiny_model("eva02_tiny_patch14_224")
+    attn = model.blocks[0].attn
+    assert attn.q_bias is not None and attn.qkv_bias_separate is False
+    inject_lora(model, LoRAConfig(targets=("q",), blocks=[0]))
+    assert attn.qkv_bias_separate is True
+    merge_lora(model)
+    assert attn.qkv_bias_separate is False
+
+
+def test_an_attention_that_bypasses_its_module_is_refused_and_the_model_restored(monkeypatch):
+    model = tiny_model("eva02_tiny_patch14_224")
+    attn_class = type(model.blocks[0].attn)
+    monkeypatch.setattr(attn_class, "qkv_bias_separate", False, raising=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = module_types(model)
+    monkeypatch.setattr(
+        "vitlora.lora.route_fused_qkv_through_module", lambda model: None
+    )  # simulate a timm release whose attention reads qkv.weight directly
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.qkv"):
+        inject_lora(model, LoRAConfig())
+    assert module_types(model) == types
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_only_lora_and_heads_are_trainable_and_counts_match_the_formula(model_name):
+    model = tiny_model(model_name)
+    rank = 4
+    inject_lora(model, LoRAConfig(rank=rank, targets=ALL_TARGETS))
+    heads = ("head.", "head_dist.")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        n for n, _ in model.named_parameters() if "lora_" in n or n.startswith(heads)
+    }
+    if model_name == "deit_tiny_distilled_patch16_224":
+        assert {"head_dist.weight", "head.weight"} <= trainable
+    if model_name == "vit_base_patch16_siglip_224":
+        assert not any(n.startswith("attn_pool") for n in trainable)
+
+    expected_lora = 0
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        qkv = getattr(attn, "qkv", None)
+        projections = (
+            [(qkv.in_features, qkv.out_features // 3)] * 3
+            if qkv is not None
+            else [(p.in_features, p.out_features) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        )
+        fc1 = [mlp.fc1] if hasattr(mlp, "fc1") else [mlp.fc1_g, mlp.fc1_x]
+        projections += [(m.in_features, m.out_features) for m in (attn.proj, *fc1, mlp.fc2)]
+        expected_lora += sum(rank * (i + o) for i, o in projections)
+    head_count = sum(p.numel() for n, p in model.named_parameters() if n.startswith(heads))
+    count = count_parameters(model)
+    assert count.by_group["lora"] == expected_lora
+    assert count.trainable == expected_lora + head_count
+    assert count.total == sum(p.numel() for p in model.parameters())
+
+    model(images()).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in with_grad if "lora_A" not in n)
+
+
+def test_separate_projections_and_swiglu_are_wrapped_where_they_are():
+    model = tiny_model("eva02_large_patch14_clip_224")
+    inject_lora(model, LoRAConfig(targets=("q", "v", "fc1"), blocks=[-1]))
+    assert sorted(name for name, _ in lora_modules(model)) == [
+        "blocks.1.attn.q_proj", "blocks.1.attn.v_proj",
+        "blocks.1.mlp.fc1_g", "blocks.1.mlp.fc1_x",
+    ]  # fmt: skip
+    remove_lora(model)
+    inject_lora(model, LoRAConfig(targets=("qkv",), blocks=[0]))
+    assert sorted(n for n, _ in lora_modules(model)) == [f"blocks.0.attn.{t}_proj" for t in "kqv"]
+
+
+def test_fused_qkv_keeps_one_wrapper_per_layer_and_the_attribute_path():
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(rank=2, targets=("q", "k", "v")))
+    layer = model.blocks[0].attn.qkv
+    assert isinstance(layer, LoRALinear) and layer.parts == ("q", "k", "v")
+    assert layer.lora_A.shape == (6, 64) and layer.lora_B.shape == (192, 2)
+    assert [n for n, _ in lora_modules(model)] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert "blocks.0.attn.qkv.weight" in model.state_dict()
+
+
+def test_injecting_twice_is_refused():
+    model = inject_lora(tiny_model(), LoRAConfig())
+    with pytest.raises(ValueError, match="already has LoRA"):
+        inject_lora(model, LoRAConfig())
+
+
+# --- merging ----------------------------------------------------------------------------
+
+
+def test_merge_equals_unmerged_and_is_a_plain_timm_model(model_name):
+    model = tiny_model(model_name)
+    fresh = tiny_model(model_name)
+    inject_lora(model, LoRAConfig(rank=4, targets=ALL_TARGETS))
+    randomize_lora(model)
+    x = images(batch=3)
+    unmerged = model(x)
+    merged_model = merge_lora(model)
+    torch.testing.assert_close(merged_model(x), unmerged, atol=1e-5, rtol=0)
+    assert module_types(merged_model) == module_types(fresh)
+    assert list(merged_model.state_dict()) == list(fresh.state_dict())
+    assert all(p.requires_grad for p in merged_model.parameters())
+    assert (merged_model(x) - fresh(x)).abs().max() > 1e-3  # the update really is in there
+
+
+def test_remove_lora_gives_back_the_base_model():
+    model = tiny_model("eva02_tiny_patch14_224")
+    x = images()
+    expected = model(x)
+    inject_lora(model, LoRAConfig(targets=ALL_TARGETS))
+    randomize_lora(model)
+    remove_lora(model)
+    assert torch.equal(model(x), expected)
+    assert not lora_modules(model)
+
+
+# --- precision and compilation --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_forward_and_backward(dtype):
+    model = tiny_model(num_classes=3)
+    inject_lora(model, LoRAConfig(targets=("q", "v", "fc1")))
+    randomize_lora(model)
+    x = images()
+    reference = model(x)
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(x)
+        loss = out.float().logsumexp(-1).mean()
+    loss.backward()
+    torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(
+        g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads
+    )
+
+
+def test_torch_compile_matches_eager_on_an_injected_model():
+    model = tiny_model().train()
+    inject_lora(model, LoRAConfig(targets=("q", "v")))
+    randomize_lora(model)
+    x = images()
+    eager = model(x)
+    eager.square().mean().backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    compiled = torch.compile(model)
+    out = compiled(x)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-4)
+
+
+def test_parameter_summary_prints_groups():
+    model = inject_lora(tiny_model(), LoRAConfig(rank=2))
+    text = str(count_parameters(model))
+    for word in ("lora", "head", "frozen", "trainable", "total"):
+        assert word in text
+    assert f"{count_parameters(model).total:,}" in text
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES[:1])
+def test_selected_blocks_only(name):
+    model = tiny_model(name, depth=3)
+    inject_lora(model, LoRAConfig(blocks=[0, -1]))
+    assert [n for n, _ in lora_modules(model)] == ["blocks.0.attn.qkv", "blocks.2.attn.qkv"]

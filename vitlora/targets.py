@@ -1,0 +1,165 @@
+"""Where each LoRA target lives inside timm's Vision Transformer families.
+
+This module is the only place that knows timm's attribute layout: ViT/DeiT/DINOv2/CLIP/
+SigLIP keep a fused ``attn.qkv``; EVA-02 has a fused ``qkv`` or separate
+``q_proj``/``k_proj``/``v_proj``; MLPs have ``fc1`` (fused GLU included) or SwiGLU's
+``fc1_g``/``fc1_x``, then ``fc2``. Everything here only reads the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+PROJECTIONS = ("q", "k", "v")
+VALID_TARGETS = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
+CLASSIFIER_NAMES = ("head", "head_dist")
+
+_SUPPORTED_LAYOUT = (
+    "`model.blocks[i].attn` with a fused `qkv` nn.Linear or separate "
+    "`q_proj`/`k_proj`/`v_proj` nn.Linear layers (timm ViT, DeiT, DINOv2, CLIP, SigLIP, EVA)"
+)
+
+
+@dataclass(frozen=True)
+class LoRASite:
+    """One nn.Linear to adapt, and which parts of its output get a low-rank update.
+
+    ``parts`` names the updated output slices (``("q", "v")`` on a fused qkv) and
+    ``slices`` gives their ``(start, stop)`` rows; a whole-layer update has one slice.
+    """
+
+    path: str
+    linear: nn.Linear
+    parts: tuple[str, ...]
+    slices: tuple[tuple[int, int], ...]
+
+
+def transformer_blocks(model: nn.Module) -> Sequence[nn.Module]:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+        raise ValueError(
+            f"{type(model).__name__} has no supported transformer blocks: looked for "
+            f"{_SUPPORTED_LAYOUT}."
+        )
+    return blocks
+
+
+def resolve_block_indices(blocks: Iterable[int] | None, depth: int) -> list[int]:
+    """Turns None (every block) or possibly negative indices into sorted positive ones."""
+    if blocks is None:
+        return list(range(depth))
+    resolved = set()
+    for index in blocks:
+        if isinstance(index, bool) or not isinstance(index, int) or not -depth <= index < depth:
+            raise ValueError(
+                f"LoRA block index {index!r} is out of range: this model has {depth} blocks, "
+                f"valid indices are 0..{depth - 1} or -{depth}..-1."
+            )
+        resolved.add(index % depth)
+    return sorted(resolved)
+
+
+def find_lora_sites(
+    model: nn.Module, targets: Sequence[str], blocks: Iterable[int] | None = None
+) -> list[LoRASite]:
+    """Lists every nn.Linear that LoRA will wrap; raises before anything is changed."""
+    all_blocks = transformer_blocks(model)
+    sites: list[LoRASite] = []
+    for index in resolve_block_indices(blocks, len(all_blocks)):
+        sites.extend(_block_sites(all_blocks[index], f"blocks.{index}", targets))
+    return sites
+
+
+def _block_sites(block: nn.Module, prefix: str, targets: Sequence[str]) -> list[LoRASite]:
+    attn = getattr(block, "attn", None)
+    if attn is None:
+        raise ValueError(f"{prefix} has no `attn`: looked for {_SUPPORTED_LAYOUT}.")
+    sites: list[LoRASite] = []
+    qkv_targets = [t for t in PROJECTIONS if t in targets or "qkv" in targets]
+    fused = getattr(attn, "qkv", None)
+    if qkv_targets and isinstance(fused, nn.Linear):
+        if "qkv" in targets:
+            sites.append(_whole(f"{prefix}.attn.qkv", fused, ("qkv",)))
+        else:
+            sites.append(_fused_parts(f"{prefix}.attn.qkv", fused, qkv_targets))
+    elif qkv_targets:
+        separate = {t: getattr(attn, f"{t}_proj", None) for t in PROJECTIONS}
+        if not all(isinstance(layer, nn.Linear) for layer in separate.values()):
+            raise ValueError(
+                f"{prefix}.attn ({type(attn).__name__}) is not a supported attention: "
+                f"looked for {_SUPPORTED_LAYOUT}."
+            )
+        sites.extend(_whole(f"{prefix}.attn.{t}_proj", separate[t], (t,)) for t in qkv_targets)
+    if "proj" in targets:
+        sites.append(
+            _whole(f"{prefix}.attn.proj", _linear(attn, "proj", prefix + ".attn"), ("proj",))
+        )
+    mlp = getattr(block, "mlp", None)
+    if "fc1" in targets:
+        if mlp is not None and isinstance(getattr(mlp, "fc1_g", None), nn.Linear):
+            for name in ("fc1_g", "fc1_x"):
+                layer = _linear(mlp, name, prefix + ".mlp")
+                sites.append(_whole(f"{prefix}.mlp.{name}", layer, ("fc1",)))
+        else:
+            sites.append(
+                _whole(f"{prefix}.mlp.fc1", _linear(mlp, "fc1", prefix + ".mlp"), ("fc1",))
+            )
+    if "fc2" in targets:
+        sites.append(_whole(f"{prefix}.mlp.fc2", _linear(mlp, "fc2", prefix + ".mlp"), ("fc2",)))
+    return sites
+
+
+def _linear(parent: nn.Module | None, name: str, parent_path: str) -> nn.Linear:
+    layer = getattr(parent, name, None)
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(
+            f"{parent_path}.{name} is not an nn.Linear (found {type(layer).__name__})."
+        )
+    return layer
+
+
+def _whole(path: str, linear: nn.Linear, parts: tuple[str, ...]) -> LoRASite:
+    return LoRASite(path, linear, parts, ((0, linear.out_features),))
+
+
+def _fused_parts(path: str, linear: nn.Linear, parts: Sequence[str]) -> LoRASite:
+    if linear.out_features % 3:
+        raise ValueError(f"{path} has {linear.out_features} outputs, not three equal q/k/v parts.")
+    width = linear.out_features // 3
+    slices = tuple(
+        (PROJECTIONS.index(p) * width, (PROJECTIONS.index(p) + 1) * width) for p in parts
+    )
+    return LoRASite(path, linear, tuple(parts), slices)
+
+
+def classifier_names(model: nn.Module) -> tuple[str, ...]:
+    """The classifier heads an adapter trains and ships (DeiT-distilled has two)."""
+    return tuple(
+        name for name in CLASSIFIER_NAMES if isinstance(getattr(model, name, None), nn.Module)
+    )
+
+
+def route_fused_qkv_through_module(model: nn.Module) -> None:
+    """Makes attention call its ``qkv`` module instead of reading ``qkv.weight`` directly.
+
+    timm's EVA/BEiT attention with q/v biases computes ``F.linear(x, self.qkv.weight, bias)``,
+    which would silently bypass a LoRA wrapper; its ``qkv_bias_separate`` path calls the
+    module and adds the same bias afterwards. Switched modules are marked so that
+    :func:`restore_fused_qkv_routing` can undo exactly this change.
+    """
+    for module in model.modules():
+        if (
+            getattr(module, "qkv_bias_separate", True) is False
+            and getattr(module, "q_bias", None) is not None
+        ):
+            module.qkv_bias_separate = True
+            module._vitlora_rerouted = True
+
+
+def restore_fused_qkv_routing(model: nn.Module) -> None:
+    for module in model.modules():
+        if module.__dict__.pop("_vitlora_rerouted", False):
+            module.qkv_bias_separate = False
