@@ -60,3 +60,21 @@ def randomize_lora(model, std: float = 0.2, seed: int = 2) -> None:
 @pytest.fixture(params=MODEL_NAMES)
 def model_name(request) -> str:
     return request.param
+
+
+def make_image_folder(root: Path, classes=("apple", "banana", "cherry"), per_split=None) -> Path:
+    """``root/{train,val,test}/<class>/*.png``: small noisy images, one colour per class."""
+    from PIL import Image
+
+    per_split = per_split or {"train": 8, "val": 3, "test": 3}
+    generator = torch.Generator().manual_seed(0)
+    for c, name in enumerate(classes):
+        colour = torch.tensor([(c * 97) % 256, (c * 53 + 80) % 256, (c * 151 + 40) % 256])
+        for split, count in per_split.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                noise = torch.randint(-40, 40, (40, 40, 3), generator=generator)
+                pixels = (colour + noise).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{name}_{i}.png")
+    return root

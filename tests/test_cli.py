@@ -1,0 +1,133 @@
+"""End to end through the `vitlora` command on a tiny generated image folder (CPU, seconds)."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_image_folder
+from safetensors.torch import save_file
+
+from vitlora import load_adapter, read_adapter
+from vitlora.backbone import create_backbone
+from vitlora.cli import main
+from vitlora.data import eval_transform
+from vitlora.images import load_rgb
+from vitlora.module import ImageClassifier
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
+TINY = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_image_folder(root / "data")
+    torch.manual_seed(0)
+    base = create_backbone("vit_tiny_patch16_224", 1000, pretrained=False, img_size=32, **TINY)
+    save_file(base.state_dict(), root / "base.safetensors")
+    return root
+
+
+def run(workspace, *args, method="lora", name="lora"):
+    main([
+        *args, "--config", str(RECIPE), "--data.root", str(workspace / "data"),
+        "--model.method", method, "--model.weights", str(workspace / "base.safetensors"),
+        "--trainer.logger.init_args.save_dir", str(workspace / "runs"),
+        "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", "0",
+    ])  # fmt: skip
+    return workspace / "runs" / name / "version_0"
+
+
+@pytest.fixture(scope="module")
+def lora_run(workspace):
+    return run(workspace, "fit")
+
+
+@pytest.mark.parametrize("method", ["full", "linear"])
+def test_fit_other_methods(workspace, method):
+    folder = run(workspace, "fit", method=method, name=method)
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_fit_saves_config_logs_and_a_small_checkpoint(lora_run):
+    assert (lora_run / "config.yaml").is_file()
+    assert "model.lora.rank" in (lora_run / "config.yaml").read_text().replace(
+        "\n    rank", " model.lora.rank"
+    )
+    assert list(lora_run.glob("events.out.tfevents.*"))
+    rows = list(csv.DictReader((lora_run / "metrics.csv").read_text().splitlines()))
+    assert any(row.get("val/top1") for row in rows)
+    checkpoint = torch.load(lora_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all("lora_" in key or key.startswith("model.head.") for key in checkpoint["state_dict"])
+
+
+def test_validate_and_test_from_the_checkpoint(workspace, lora_run):
+    ckpt = str(lora_run / "checkpoints" / "last.ckpt")
+    run(workspace, "validate", "--ckpt_path", ckpt, name="validate")
+    folder = run(workspace, "test", "--ckpt_path", ckpt, name="test")
+    assert (folder / "confusion_matrix.png").is_file() and (
+        folder / "per_class_accuracy.csv"
+    ).is_file()
+
+
+def test_export_gives_an_adapter_that_reproduces_the_module(workspace, lora_run):
+    ckpt = lora_run / "checkpoints" / "last.ckpt"
+    adapter_path = workspace / "fruit.safetensors"
+    main(["export", "--ckpt_path", str(ckpt), "--output", str(adapter_path)])
+    adapter = read_adapter(adapter_path)
+    assert adapter.class_names == ["apple", "banana", "cherry"] and adapter.config.rank == 4
+    module = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True).eval()
+    plain = create_backbone(
+        "vit_tiny_patch16_224", 1000, weights=workspace / "base.safetensors", img_size=32, **TINY
+    )
+    model = load_adapter(plain, adapter_path).eval()
+    x = torch.stack(
+        [
+            eval_transform("vit_tiny_patch16_224", 32)(load_rgb(p))
+            for p in sorted((workspace / "data" / "val").rglob("*.png"))
+        ]
+    )
+    assert torch.equal(model(x), module(x))
+
+
+def test_classify_writes_top_k_and_reports_unreadable_images(workspace, lora_run):
+    adapter_path = workspace / "fruit.safetensors"
+    if not adapter_path.exists():
+        main(
+            [
+                "export",
+                "--ckpt_path",
+                str(lora_run / "checkpoints" / "last.ckpt"),
+                "--output",
+                str(adapter_path),
+            ]
+        )
+    broken = workspace / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    for suffix in ("csv", "json"):
+        out = workspace / f"preds.{suffix}"
+        main(["classify", str(adapter_path), str(workspace / "data" / "test"), str(broken),
+              "--output", str(out), "--weights", str(workspace / "base.safetensors"), "--top-k", "2"])  # fmt: skip
+        rows = (
+            json.loads(out.read_text())
+            if suffix == "json"
+            else list(csv.DictReader(out.read_text().splitlines()))
+        )
+        assert len(rows) == 10
+        good = [r for r in rows if not r["error"]]
+        assert len(good) == 9 and "broken.jpg" in rows[-1]["path"] and rows[-1]["error"]
+        first = good[0]
+        labels = first["labels"] if suffix == "json" else [first["label_1"], first["label_2"]]
+        assert set(labels) <= {"apple", "banana", "cherry"} and len(set(labels)) == 2
+
+
+def test_predict_runs(workspace, lora_run):
+    run(
+        workspace,
+        "predict",
+        "--ckpt_path",
+        str(lora_run / "checkpoints" / "last.ckpt"),
+        name="predict",
+    )

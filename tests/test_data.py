@@ -1,0 +1,186 @@
+import warnings
+
+import pytest
+import torch
+from conftest import SHARED, make_image_folder
+from PIL import Image
+
+from vitlora.data import DatasetError, EpochShuffler, ImageDataModule, read_dataset
+
+GROCERY = SHARED / "data" / "grocery-store"
+
+
+def module(root, **kwargs):
+    defaults = dict(
+        backbone="vit_tiny_patch16_224", img_size=32, batch_size=4, num_workers=0, auto_augment=None
+    )
+    return ImageDataModule(str(root), **{**defaults, **kwargs})
+
+
+def test_folder_layout_is_detected_and_classes_come_from_train(tmp_path):
+    make_image_folder(tmp_path)
+    index = read_dataset(tmp_path)
+    assert index.class_names == ["apple", "banana", "cherry"]
+    assert {s: len(v) for s, v in index.splits.items()} == {"train": 24, "val": 9, "test": 9}
+
+
+def test_csv_manifest_with_and_without_split(tmp_path):
+    make_image_folder(tmp_path)
+    rows = ["path,label,split"] + [
+        f"{split}/{c}/{c}_{i}.png,{c},{split}"
+        for split in ("train", "val")
+        for c in ("apple", "banana")
+        for i in range(3)
+    ]
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    index = read_dataset(tmp_path)
+    assert index.class_names == ["apple", "banana"] and len(index.splits["val"]) == 6
+    (tmp_path / "m2.csv").write_text(
+        "path,label\ntrain/apple/apple_0.png,apple\ntrain/banana/banana_0.png,banana\n"
+    )
+    assert list(read_dataset(tmp_path, manifest=tmp_path / "m2.csv").splits) == ["train"]
+
+
+def write_grocery(root, lines, classes=("Golden-Delicious,0,Apple,0,x,y", "Banana,1,Banana,1,x,y")):
+    make_image_folder(root, classes=("a", "b"), per_split={"train": 2})
+    (root / "classes.csv").write_text(
+        "Class Name (str),Class ID (int),Coarse...\n" + "\n".join(classes) + "\n"
+    )
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_grocery_layout_fine_and_coarse(tmp_path):
+    write_grocery(tmp_path, ["train/a/a_0.png, 0, 0", "train/b/b_1.png, 1, 1"])
+    assert read_dataset(tmp_path).class_names == ["Golden-Delicious", "Banana"]
+    coarse = read_dataset(tmp_path, label_level="coarse")
+    assert coarse.class_names == ["Apple", "Banana"] and coarse.splits["train"][1][1] == 1
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        (lambda root: (root / "train" / "apple" / "apple_0.png").unlink() or None, None),
+        (
+            lambda root: [p.unlink() for p in (root / "val" / "banana").iterdir()],
+            r"val/banana: empty class folder",
+        ),
+        (
+            lambda root: (
+                (root / "val" / "durian").mkdir()
+                or Image.new("RGB", (9, 9)).save(root / "val/durian/x.png")
+            ),
+            r"durian.*not among the train classes",
+        ),
+    ],
+)
+def test_folder_problems_are_named_at_setup(tmp_path, break_it, message):
+    make_image_folder(tmp_path)
+    break_it(tmp_path)
+    if message is None:
+        read_dataset(tmp_path)  # a removed file is simply not listed
+        return
+    with pytest.raises(DatasetError, match=message):
+        module(tmp_path).setup("fit")
+
+
+def test_manifest_problems_are_named(tmp_path):
+    make_image_folder(tmp_path)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "path,label,split\ntrain/apple/apple_0.png,apple,train\nval/x/gone.png,apple,val\n"
+    )
+    with pytest.raises(DatasetError, match=r"1 listed image files do not exist.*gone\.png"):
+        read_dataset(tmp_path)
+    manifest.write_text(
+        "path,label,split\ntrain/apple/apple_0.png,apple,train\nval/apple/apple_0.png,kiwi,val\n"
+    )
+    with pytest.raises(
+        DatasetError, match=r"manifest\.csv: val rows use labels not in train: \['kiwi'\]"
+    ):
+        read_dataset(tmp_path)
+    write_grocery(tmp_path / "g", ["train/a/a_0.png, 7, 0"])
+    with pytest.raises(DatasetError, match=r"train\.txt:1: unknown fine label 7"):
+        read_dataset(tmp_path / "g")
+    with pytest.raises(DatasetError, match="cannot tell the dataset layout"):
+        read_dataset(tmp_path / "g" / "train")
+
+
+def test_bad_images_are_skipped_with_one_warning_each_or_fail_fast(tmp_path, caplog):
+    make_image_folder(tmp_path)
+    (tmp_path / "train/apple/apple_0.png").write_bytes(b"garbage")
+    (tmp_path / "train/banana/banana_0.png").write_bytes(
+        (tmp_path / "train/banana/banana_1.png").read_bytes()[:60]
+    )
+    Image.new("CMYK", (30, 30)).save(tmp_path / "train/cherry/cmyk.jpg")  # convertible: kept
+    data = module(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data.setup("fit")
+    skipped = [str(w.message) for w in caught if "skipping image" in str(w.message)]
+    assert len(skipped) == 2 and any("apple_0.png" in s for s in skipped)
+    assert "skipped 2 of 25 images" in caplog.text
+    assert len(data._datasets["train"]) == 23
+    with pytest.raises(ValueError, match=r"apple_0\.png"):
+        module(tmp_path, fail_on_bad_images=True).setup("fit")
+
+
+def test_transforms_follow_the_backbone_pretrained_config(tmp_path):
+    make_image_folder(tmp_path)
+    data = module(tmp_path, backbone="vit_tiny_patch16_224.augreg_in21k_ft_in1k", img_size=None)
+    data.setup("fit")
+    images, labels = next(iter(data.val_dataloader()))
+    assert images.shape == (4, 3, 224, 224) and labels.dtype == torch.int64
+    # AugReg normalises with mean = std = 0.5: pixel values span [-1, 1]
+    assert images.min() >= -1.0001 and images.max() <= 1.0001 and images.min() < -0.5
+
+
+def test_training_order_and_augmentation_depend_only_on_seed_and_epoch(tmp_path):
+    make_image_folder(tmp_path)
+    first, second = (
+        module(tmp_path, auto_augment="rand-m9-mstd0.5-inc1"),
+        module(tmp_path, auto_augment="rand-m9-mstd0.5-inc1"),
+    )
+    for data in (first, second):
+        data.setup("fit")
+    batch = lambda data: next(iter(data.train_dataloader()))  # noqa: E731
+    torch.manual_seed(123)
+    a = batch(first)
+    torch.manual_seed(456)  # the global RNG does not matter
+    b = batch(second)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    sampler = EpochShuffler(10, seed=0)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch0 and sorted(i for i, _ in sampler) == list(range(10))
+
+
+def test_mixup_gives_soft_targets_in_training_only(tmp_path):
+    make_image_folder(tmp_path)
+    data = module(tmp_path, mixup=0.8, cutmix=1.0)
+    data.setup("fit")
+    images, labels = next(iter(data.train_dataloader()))
+
+    class FakeTrainer:
+        training, global_step = True, 3
+
+    data.trainer = FakeTrainer()
+    _mixed, soft = data.on_after_batch_transfer((images, labels), 0)
+    assert soft.shape == (4, 3) and torch.allclose(soft.sum(-1), torch.ones(4))
+    FakeTrainer.training = False
+    assert data.on_after_batch_transfer((images, labels), 0)[1] is labels
+
+
+def test_val_is_carved_from_train_when_absent(tmp_path):
+    make_image_folder(tmp_path, per_split={"train": 10})
+    index = module(tmp_path, val_fraction=0.2).index
+    assert len(index.splits["val"]) == 6 and len(index.splits["train"]) == 24
+    assert {label for _, label in index.splits["val"]} == {0, 1, 2}
+
+
+@pytest.mark.skipif(not (GROCERY / "train.txt").is_file(), reason="../shared grocery data absent")
+def test_real_grocery_store_layout():
+    index = read_dataset(GROCERY)
+    assert len(index.class_names) == 81 and index.class_names[0] == "Golden-Delicious"
+    assert len(index.splits["train"]) == 2640 and len(index.splits["val"]) == 296
+    # classes.csv has coarse ids 0..42 (43 classes; the copy's README says 42)
+    assert len(read_dataset(GROCERY, label_level="coarse").class_names) == 43

@@ -1,0 +1,219 @@
+import lightning as L
+import pytest
+import torch
+from conftest import REAL_WEIGHTS, make_image_folder
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from vitlora.backbone import WeightsUnavailable, create_backbone
+from vitlora.data import ImageDataModule
+from vitlora.lora import LoRAConfig, lora_modules
+from vitlora.module import ImageClassifier, warmup_cosine
+
+TINY = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A local weights file standing in for a pretrained base: the real, rebuildable source."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file(
+        create_backbone(
+            "vit_tiny_patch16_224", 1000, pretrained=False, img_size=32, **TINY
+        ).state_dict(),
+        path,
+    )
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _weights(tiny_weights):
+    global WEIGHTS
+    WEIGHTS = str(tiny_weights)
+
+
+def classifier(method="lora", **kwargs):
+    defaults = dict(
+        backbone="vit_tiny_patch16_224",
+        method=method,
+        weights=WEIGHTS,
+        img_size=32,
+        model_kwargs=TINY,
+        class_names=["apple", "banana", "cherry"],
+        lora=LoRAConfig(rank=4),
+        warmup_epochs=0.5,
+        lr=1e-2,
+    )
+    torch.manual_seed(0)
+    return ImageClassifier(**{**defaults, **kwargs})
+
+
+def datamodule(root):
+    return ImageDataModule(
+        str(root),
+        backbone="vit_tiny_patch16_224",
+        img_size=32,
+        batch_size=4,
+        num_workers=0,
+        auto_augment=None,
+    )
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = outputs["loss"].item()
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer, module):
+        trainer.should_stop = True
+
+
+def trainer(tmp_path, max_epochs=2, callbacks=()):
+    return L.Trainer(
+        max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=1, accelerator="cpu", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), *callbacks],
+    )  # fmt: skip
+
+
+@pytest.fixture
+def images(tmp_path):
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.mark.parametrize(
+    ("method", "trainable"), [("lora", {"lora", "head"}), ("linear", {"head"}), ("full", None)]
+)
+def test_each_method_trains_the_right_parameters(method, trainable):
+    model = classifier(method)
+    names = {n for n, p in model.model.named_parameters() if p.requires_grad}
+    if trainable is None:
+        assert names == {n for n, _ in model.model.named_parameters()}
+    else:
+        kinds = {
+            "lora" if "lora_" in n else "head" if n.startswith("head.") else "other" for n in names
+        }
+        assert kinds == trainable
+    assert bool(lora_modules(model.model)) == (method == "lora")
+
+
+def test_optimizer_groups_and_schedule(tmp_path, images):
+    model = classifier("full", head_lr=0.5)
+    fit = trainer(tmp_path, max_epochs=1)
+    fit.fit(model, datamodule(images))
+    groups = model.trainer.optimizers[0].param_groups
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert by_id[id(model.model.head.weight)]["weight_decay"] > 0
+    for name in (
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.qkv.bias",
+        "pos_embed",
+        "cls_token",
+        "head.bias",
+    ):
+        assert by_id[id(model.model.get_parameter(name))]["weight_decay"] == 0.0, name
+    assert by_id[id(model.model.head.weight)]["initial_lr"] == 0.5
+    assert by_id[id(model.model.blocks[0].attn.qkv.weight)]["initial_lr"] == 1e-2
+    ramp = [warmup_cosine(s, 10, 100, 0.01) for s in range(100)]
+    assert (
+        ramp[0] < ramp[9] <= 1.0 and ramp[10] == 1.0 and ramp[-1] == pytest.approx(0.01, abs=1e-3)
+    )
+
+
+def test_lora_checkpoint_holds_only_trainable_tensors(tmp_path, images):
+    model = classifier("lora")
+    trainer(tmp_path, max_epochs=1).fit(model, datamodule(images))
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == {
+        f"model.{n}" for n, p in model.model.named_parameters() if p.requires_grad
+    }
+    assert checkpoint["hyper_parameters"]["class_names"] == ["apple", "banana", "cherry"]
+    restored = ImageClassifier.load_from_checkpoint(
+        tmp_path / "ckpt" / "last.ckpt", weights_only=True
+    )
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    restored.eval()
+    assert torch.equal(restored(x), model(x))
+
+
+def test_resume_continues_exactly(tmp_path, images):
+    uninterrupted = LossRecorder()
+    trainer(tmp_path / "a", callbacks=[uninterrupted]).fit(classifier(), datamodule(images))
+
+    trainer(tmp_path / "b", callbacks=[StopAfterFirstEpoch()]).fit(classifier(), datamodule(images))
+    resumed = LossRecorder()
+    torch.manual_seed(999)  # a resumed process starts from another RNG state
+    trainer(tmp_path / "b", callbacks=[resumed]).fit(
+        classifier(), datamodule(images), ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt"
+    )
+    assert sorted(resumed.losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed.losses[step] == uninterrupted.losses[step], step
+
+
+def test_test_stage_writes_metrics_per_class_accuracy_and_confusion_png(tmp_path, images):
+    from PIL import Image
+
+    model = classifier("linear")
+    run = trainer(tmp_path, max_epochs=1)
+    run.fit(model, datamodule(images))
+    (result,) = run.test(model, datamodule(images))
+    assert {"test/top1", "test/macro_f1"} <= result.keys()
+    per_class = (tmp_path / "per_class_accuracy.csv").read_text().splitlines()
+    assert per_class[0] == "class,accuracy,support" and per_class[1].startswith("apple,")
+    assert Image.open(tmp_path / "confusion_matrix.png").size[0] > 30
+
+
+def test_top5_is_reported_when_there_are_more_than_five_classes():
+    assert "top5" in classifier(class_names=[str(i) for i in range(7)]).val_metrics
+    assert "top5" not in classifier().val_metrics
+
+
+def test_missing_weights_error_says_how_to_pass_a_local_file(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_OFFLINE", True
+    )  # fail at once, no retries
+    with pytest.raises(WeightsUnavailable, match=r"--model\.weights path/to/vit_tiny_patch16_224"):
+        create_backbone("vit_tiny_patch16_224", 3, pretrained=True, img_size=32, **TINY)
+
+
+def test_local_weights_load_strictly_except_the_head(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = create_backbone("vit_tiny_patch16_224", 10, pretrained=False, img_size=32, **TINY)
+    torch.nn.init.normal_(source.head.weight)
+    save_file(source.state_dict(), tmp_path / "w.safetensors")
+    model = create_backbone(
+        "vit_tiny_patch16_224", 3, weights=tmp_path / "w.safetensors", img_size=32, **TINY
+    )
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+    assert model.head.weight.shape == (3, 64) and not model.head.weight.any()
+    state = source.state_dict()
+    del state["blocks.0.attn.qkv.weight"]
+    save_file(state, tmp_path / "broken.safetensors")
+    with pytest.raises(
+        ValueError, match=r"(?s)broken\.safetensors: does not match.*blocks\.0\.attn\.qkv\.weight"
+    ):
+        create_backbone(
+            "vit_tiny_patch16_224", 3, weights=tmp_path / "broken.safetensors", img_size=32, **TINY
+        )
+
+
+@pytest.mark.skipif(not REAL_WEIGHTS.is_file(), reason="../shared weights absent")
+def test_real_weights_file_through_the_module():
+    model = ImageClassifier(
+        backbone="vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+        weights=str(REAL_WEIGHTS),
+        class_names=["a", "b"],
+    )
+    assert model.model.head.out_features == 2 and lora_modules(model.model)

@@ -1,0 +1,207 @@
+"""The ``vitlora`` command: LightningCLI for fit/validate/test/predict, plus export and classify.
+
+vitlora fit --config recipes/grocery_lora.yaml [--model.lora.rank 16 ...]
+vitlora export --ckpt_path runs/.../last.ckpt --output grocery.safetensors
+vitlora classify grocery.safetensors photos/ --output preds.csv [--weights BASE] [--top-k 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from vitlora.data import ImageDataModule
+from vitlora.module import ImageClassifier
+
+EXTRA_COMMANDS = ("export", "classify")
+
+
+class VitloraCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.backbone", "data.backbone")
+        parser.link_arguments("model.img_size", "data.img_size")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+
+
+def trainer_defaults() -> dict:
+    return {
+        "logger": {
+            "class_path": "vitlora.logging.RunLogger",
+            "init_args": {"save_dir": "runs", "name": "vitlora"},
+        },
+        "callbacks": [
+            ModelCheckpoint(
+                monitor="val/top1", mode="max", save_last=True, filename="best-{epoch}-{step}"
+            ),
+            LearningRateMonitor(logging_interval="step"),
+        ],
+        "log_every_n_steps": 10,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        {"export": export_command, "classify": classify_command}[argv[0]](argv[1:])
+        return
+    if argv[:1] in (["-h"], ["--help"]):
+        print("Extra commands: vitlora export --help, vitlora classify --help\n")
+    VitloraCLI(
+        ImageClassifier,
+        ImageDataModule,
+        trainer_defaults=trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=argv,
+    )
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def export_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="vitlora export", description="Write a LoRA checkpoint as a vitlora adapter file."
+    )
+    parser.add_argument("--ckpt_path", required=True, type=Path)
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--weights", help="base weights file, if the checkpoint's source moved")
+    args = parser.parse_args(argv)
+    path = export_adapter(args.ckpt_path, args.output, weights=args.weights)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def export_adapter(ckpt_path: Path, output: Path, weights: str | None = None) -> Path:
+    from vitlora.adapter import save_adapter
+
+    if not Path(ckpt_path).is_file():
+        raise SystemExit(f"{ckpt_path}: no such checkpoint.")
+    overrides = {"weights": weights} if weights else {}
+    module = ImageClassifier.load_from_checkpoint(
+        ckpt_path, map_location="cpu", weights_only=True, **overrides
+    )
+    hp = module.hparams
+    if hp.method != "lora":
+        raise SystemExit(f"{ckpt_path}: a {hp.method!r} run has no LoRA adapter to export.")
+    model_kwargs = dict(hp.model_kwargs or {})
+    if hp.img_size:
+        model_kwargs["img_size"] = hp.img_size
+    return save_adapter(
+        module.model,
+        output,
+        class_names=module.class_names,
+        model_name=hp.backbone,
+        model_kwargs=model_kwargs,
+    )
+
+
+# --- classify --------------------------------------------------------------------------------
+
+
+def classify_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="vitlora classify", description="Top-k labels for images with an adapter."
+    )
+    parser.add_argument("adapter", type=Path)
+    parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+    parser.add_argument("--output", required=True, type=Path, help="predictions .csv or .json")
+    parser.add_argument("--weights", help="local base weights file (offline machines)")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    if args.output.suffix not in (".csv", ".json"):
+        raise SystemExit(f"{args.output}: the output must end in .csv or .json.")
+    rows = classify(
+        args.adapter,
+        args.inputs,
+        weights=args.weights,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+    )
+    write_predictions(rows, args.output)
+    failed = sum(1 for row in rows if row["error"])
+    print(
+        f"wrote {len(rows)} predictions to {args.output}"
+        + (f" ({failed} unreadable)" if failed else "")
+    )
+
+
+def classify(
+    adapter_path: Path,
+    inputs: list[Path],
+    weights: str | None = None,
+    top_k: int = 5,
+    batch_size: int = 32,
+) -> list[dict]:
+    import torch
+
+    from vitlora.adapter import load_adapter, read_adapter
+    from vitlora.backbone import create_backbone
+    from vitlora.data import eval_transform, expand_image_paths
+    from vitlora.images import BadImage, load_rgb
+
+    adapter = read_adapter(adapter_path)
+    kwargs = dict(adapter.metadata.get("model_kwargs") or {})
+    model = create_backbone(adapter.model_name, adapter.num_classes, weights=weights, **kwargs)
+    model = load_adapter(model, adapter_path).eval()
+    transform = eval_transform(adapter.model_name, kwargs.get("img_size"))
+    names = adapter.class_names or [str(i) for i in range(adapter.num_classes)]
+    rows, pending = [], []
+
+    def flush() -> None:
+        with torch.inference_mode():
+            probs = model(torch.stack([tensor for _, tensor in pending])).softmax(-1)
+        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=-1)
+        for (row, _), p, i in zip(pending, values.tolist(), indices.tolist(), strict=True):
+            row["labels"] = [names[k] for k in i]
+            row["probabilities"] = [round(v, 6) for v in p]
+        pending.clear()
+
+    for path in expand_image_paths(inputs):
+        row = {"path": str(path), "labels": [], "probabilities": [], "error": ""}
+        rows.append(row)
+        try:
+            pending.append((row, transform(load_rgb(path))))
+        except BadImage as error:
+            row["error"] = str(error)
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return rows
+
+
+def write_predictions(rows: list[dict], output: Path) -> None:
+    from vitlora.files import atomic_write
+
+    with atomic_write(output) as tmp:
+        if output.suffix == ".json":
+            tmp.write_text(json.dumps(rows, indent=1))
+            return
+        k = max((len(row["labels"]) for row in rows), default=0)
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(
+                [
+                    "path",
+                    *[c for i in range(1, k + 1) for c in (f"label_{i}", f"prob_{i}")],
+                    "error",
+                ]
+            )
+            for row in rows:
+                pairs = [
+                    v
+                    for pair in zip(row["labels"], row["probabilities"], strict=True)
+                    for v in pair
+                ]
+                writer.writerow([row["path"], *pairs, *[""] * (2 * k - len(pairs)), row["error"]])
+
+
+if __name__ == "__main__":
+    main()

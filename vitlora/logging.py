@@ -1,0 +1,43 @@
+"""One run folder with both TensorBoard events and a ``metrics.csv`` a spreadsheet can open."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from vitlora.files import atomic_write
+
+
+class RunLogger(TensorBoardLogger):
+    """TensorBoard logger that also keeps every logged metric in ``<log_dir>/metrics.csv``."""
+
+    def __init__(
+        self,
+        save_dir: str = "runs",
+        name: str = "vitlora",
+        version: int | str | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(save_dir, name=name, version=version, default_hp_metric=False, **kwargs)
+        self._rows: list[dict] = []
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics(metrics, step)
+        self._rows.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+
+    @rank_zero_only
+    def save(self) -> None:
+        super().save()
+        if not self._rows:
+            return
+        columns = list(dict.fromkeys(key for row in self._rows for key in row))
+        path = Path(self.log_dir) / "metrics.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self._rows)

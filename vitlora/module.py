@@ -1,0 +1,217 @@
+"""The Lightning module: one timm backbone, three ways to adapt it, compared on equal terms.
+
+``method="lora"`` trains LoRA + head, ``"full"`` every weight, ``"linear"`` the head alone.
+Checkpoints of lora/linear runs hold only the trainable tensors (plus optimizer state); the
+frozen base is rebuilt from its source when a checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+)
+
+from vitlora.backbone import create_backbone
+from vitlora.lora import LoRAConfig, inject_lora
+from vitlora.targets import classifier_names
+
+Method = Literal["lora", "full", "linear"]
+
+
+class ImageClassifier(L.LightningModule):
+    def __init__(
+        self,
+        backbone: str = "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+        method: Method = "lora",
+        lora: LoRAConfig = LoRAConfig(),  # noqa: B008 - a frozen default, never mutated
+        weights: str | None = None,
+        pretrained: bool = True,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        img_size: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 2e-3,
+        head_lr: float | None = None,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.1,
+        drop_path_rate: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        """``lr`` is for the adapted weights, ``head_lr`` (default ``lr``) for the new head.
+        ``model_kwargs`` go to ``timm.create_model`` (tests use tiny configs)."""
+        super().__init__()
+        if method not in ("lora", "full", "linear"):
+            raise ValueError(f"method must be one of lora, full, linear; got {method!r}.")
+        if class_names is not None:
+            num_classes = num_classes or len(class_names)
+            if len(class_names) != num_classes:
+                raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}.")
+        if not num_classes:
+            raise ValueError(
+                "num_classes (or class_names) is required; the CLI takes them from the data."
+            )
+        if isinstance(
+            lora, dict
+        ):  # as stored in checkpoints: plain data, loadable with weights_only
+            lora = LoRAConfig(**lora)
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams["lora"] = asdict(lora)
+        kwargs = dict(model_kwargs or {})
+        if img_size:
+            kwargs["img_size"] = img_size
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
+        self.model = create_backbone(
+            backbone, num_classes, weights=weights, pretrained=pretrained, **kwargs
+        )
+        if method == "lora":
+            inject_lora(self.model, lora)
+        elif method == "linear":
+            self.model.requires_grad_(False)
+            for name in classifier_names(self.model):
+                getattr(self.model, name).requires_grad_(True)
+        metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+        if num_classes > 5:
+            metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        metrics["macro_f1"] = MulticlassF1Score(num_classes, average="macro")
+        self.val_metrics = MetricCollection(metrics, prefix="val/")
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        self.test_per_class = MulticlassAccuracy(num_classes, average="none")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    # --- training -------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Every step's randomness (dropout, drop-path) is a function of (seed, step): resumes are exact."""
+        torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        if targets.ndim == 2:  # mixup / cutmix soft targets
+            smoothing = self.hparams.label_smoothing
+            soft = targets * (1 - smoothing) + smoothing / targets.shape[1]
+            loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(
+                logits.float(), targets, label_smoothing=self.hparams.label_smoothing
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.log("val/loss", F.cross_entropy(logits.float(), targets), prog_bar=True)
+        self.val_metrics.update(logits, targets)
+        self.log_dict(self.val_metrics, prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.test_metrics.update(logits, targets)
+        self.log_dict(self.test_metrics)
+        self.test_per_class.update(logits, targets)
+        self.test_confusion.update(logits, targets)
+
+    def on_test_epoch_end(self) -> None:
+        from vitlora.report import write_test_report
+
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if self.trainer.is_global_zero:
+            write_test_report(
+                folder,
+                self.class_names,
+                self.test_per_class.compute().cpu(),
+                self.test_confusion.compute().cpu(),
+            )
+        self.test_per_class.reset()
+        self.test_confusion.reset()
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(images).softmax(-1)
+
+    # --- optimisation -----------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        no_decay_names = set(getattr(self.model, "no_weight_decay", lambda: set())())
+        heads = tuple(f"{name}." for name in classifier_names(self.model))
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, parameter in self.model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            decay = parameter.ndim > 1 and name not in no_decay_names
+            groups.setdefault((name.startswith(heads), decay), []).append(parameter)
+        param_groups = [
+            {
+                "params": params,
+                "lr": (hp.head_lr or hp.lr) if is_head else hp.lr,
+                "weight_decay": hp.weight_decay if decay else 0.0,
+            }
+            for (is_head, decay), params in sorted(groups.items())
+        ]
+        optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        warmup = min(round(hp.warmup_epochs * total / epochs), total - 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    @property
+    def base_is_rebuildable(self) -> bool:
+        """A random (not pretrained) base has no source to rebuild from, so it must be saved."""
+        return bool(self.hparams.weights or self.hparams.pretrained)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.hparams.method != "full" and self.base_is_rebuildable:
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+            }
+        checkpoint["vitlora"] = {"trainable_parameters": len(trainable)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Fills the frozen base (rebuilt from its source in __init__) into a trainable-only checkpoint."""
+        state = checkpoint["state_dict"]
+        expected = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        missing = sorted(expected - state.keys())
+        if missing:
+            raise ValueError(
+                f"Checkpoint lacks trainable tensors {missing[:5]}: was it saved by another method?"
+            )
+        for key, tensor in self.state_dict().items():
+            state.setdefault(key, tensor)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up from ~0, then cosine decay to ``min_ratio`` of the peak rate."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
