@@ -131,3 +131,48 @@ def test_predict_runs(workspace, lora_run):
         str(lora_run / "checkpoints" / "last.ckpt"),
         name="predict",
     )
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_parses(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert exit_.value.code in (0, None)
+    assert "backbone:" in capsys.readouterr().out
+
+
+GROCERY = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-store"
+WEIGHTS = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "weights"
+    / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+)
+
+
+@pytest.mark.skipif(
+    not (GROCERY.is_dir() and WEIGHTS.is_file()), reason="../shared data or weights absent"
+)
+def test_short_real_run_on_a_few_grocery_photos(tmp_path):
+    """The real backbone on real product photos: 3 classes x 4 photos through a manifest."""
+    lines = ["path,label,split"]
+    for fine in ("Granny-Smith", "Banana", "Oatly-Oat-Milk"):
+        photos = sorted(GROCERY.rglob(f"train/**/{fine}/*.jpg"))
+        assert photos, fine
+        lines += [f"{p},{fine},{'val' if i == 3 else 'train'}" for i, p in enumerate(photos[:4])]
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    main([
+        "fit", "--config", str(RECIPE.parent / "grocery_lora.yaml"), "--data.root", str(tmp_path),
+        "--data.layout", "csv", "--data.download", "false", "--data.batch_size", "3", "--data.num_workers", "0",
+        "--model.weights", str(WEIGHTS), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.logger.init_args.version", "0",
+    ])  # fmt: skip
+    run = tmp_path / "runs" / "vitlora" / "version_0"
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["class_names"] == [
+        "Banana",
+        "Granny-Smith",
+        "Oatly-Oat-Milk",
+    ]
+    assert sum(t.numel() for t in checkpoint["state_dict"].values()) < 0.02 * 5.7e6

@@ -208,6 +208,25 @@ def backbone_data_config(backbone: str, img_size: int | None = None) -> dict:
     return config
 
 
+def allow_zero_bit_posterize() -> None:
+    """timm's RandAugment ``inc1`` levels can posterize to 0 bits, which Pillow >= 12 rejects
+    (crashing a loader worker mid-epoch); clamp to 1 bit, the same extreme augmentation."""
+    from timm.data import auto_augment
+
+    original = auto_augment.posterize
+    if getattr(original, "clamped", False):
+        return
+
+    def posterize(img, bits_to_keep, **kwargs):
+        return original(img, max(1, bits_to_keep), **kwargs)
+
+    posterize.clamped = True
+    auto_augment.posterize = posterize
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is original:
+            auto_augment.NAME_TO_OP[name] = posterize
+
+
 def eval_transform(backbone: str, img_size: int | None = None):
     return timm.data.create_transform(**backbone_data_config(backbone, img_size), is_training=False)
 
@@ -364,6 +383,7 @@ class ImageDataModule(L.LightningDataModule):
         if not train:
             return eval_transform(self.hparams.backbone, self.hparams.img_size)
         hp = self.hparams
+        allow_zero_bit_posterize()
         return timm.data.create_transform(
             input_size=config["input_size"],
             is_training=True,

@@ -48,10 +48,12 @@ class ImageClassifier(L.LightningModule):
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.1,
         drop_path_rate: float = 0.0,
+        tta: bool = False,
         seed: int = 0,
     ) -> None:
         """``lr`` is for the adapted weights, ``head_lr`` (default ``lr``) for the new head.
-        ``model_kwargs`` go to ``timm.create_model`` (tests use tiny configs)."""
+        ``model_kwargs`` go to ``timm.create_model`` (tests use tiny configs). ``tta`` averages
+        the logits of each evaluation image and its mirror image."""
         super().__init__()
         if method not in ("lora", "full", "linear"):
             raise ValueError(f"method must be one of lora, full, linear; got {method!r}.")
@@ -119,16 +121,22 @@ class ImageClassifier(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self(images)
+        if self.hparams.tta:
+            logits = (logits + self(images.flip(-1))) / 2
+        return logits
+
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
-        logits = self(images)
+        logits = self.evaluation_logits(images)
         self.log("val/loss", F.cross_entropy(logits.float(), targets), prog_bar=True)
         self.val_metrics.update(logits, targets)
         self.log_dict(self.val_metrics, prog_bar=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
-        logits = self(images)
+        logits = self.evaluation_logits(images)
         self.test_metrics.update(logits, targets)
         self.log_dict(self.test_metrics)
         self.test_per_class.update(logits, targets)
@@ -150,7 +158,7 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(images).softmax(-1)
+        return self.evaluation_logits(images).softmax(-1)
 
     # --- optimisation -----------------------------------------------------------------------
 
