@@ -200,3 +200,19 @@ def test_strong_randaugment_never_crashes_on_posterize(tmp_path):
 
         random.seed(seed)
         assert augment(image).size == (32, 32)
+
+
+@pytest.mark.parametrize("augment", ["rand-m9-mstd0.5-inc1", "trivial", "augmix-m5-w4", None])
+def test_training_augmentations_are_configurable(tmp_path, augment):
+    make_image_folder(tmp_path)
+    data = module(tmp_path, auto_augment=augment)
+    names = [type(t).__name__ for t in data.transform(train=True).transforms]
+    assert names[0] == "RandomResizedCropAndInterpolation" and "RandomHorizontalFlip" in names
+    expected = {
+        "rand-m9-mstd0.5-inc1": "RandAugment",
+        "trivial": "TrivialAugmentWide",
+        "augmix-m5-w4": "AugMixAugment",
+    }
+    assert (expected.get(augment) in names) if augment else len(names) == 4
+    data.setup("fit")
+    assert next(iter(data.train_dataloader()))[0].shape == (4, 3, 32, 32)

@@ -26,6 +26,7 @@ import numpy as np
 import timm.data
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import Compose, InterpolationMode, TrivialAugmentWide
 
 from vitlora.images import BadImage, load_rgb
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 Sample = tuple[Path, int]
+TRIVIAL_AUGMENT = ("trivial", "trivialaugment")
 
 
 class DatasetError(ValueError):
@@ -312,7 +314,8 @@ class ImageDataModule(L.LightningDataModule):
 
     Transforms follow the backbone's pretrained config (resolution, mean/std, interpolation,
     crop); training augmentation is timm's (random-resized crop, flip, RandAugment /
-    TrivialAugment via ``auto_augment``, mixup/cutmix applied per batch).
+    TrivialAugment via ``auto_augment``: a timm string such as ``rand-m9-mstd0.5-inc1`` or
+    ``trivial``; mixup/cutmix applied per batch).
     """
 
     def __init__(
@@ -384,18 +387,29 @@ class ImageDataModule(L.LightningDataModule):
             return eval_transform(self.hparams.backbone, self.hparams.img_size)
         hp = self.hparams
         allow_zero_bit_posterize()
-        return timm.data.create_transform(
+        trivial = hp.auto_augment in TRIVIAL_AUGMENT
+        stages = timm.data.create_transform(
             input_size=config["input_size"],
             is_training=True,
             scale=hp.scale,
             hflip=hp.hflip,
-            auto_augment=hp.auto_augment,
+            auto_augment=None if trivial else hp.auto_augment,
             color_jitter=hp.color_jitter,
             re_prob=hp.re_prob,
             interpolation=config["interpolation"],
             mean=config["mean"],
             std=config["std"],
+            separate=True,
         )
+        primary, secondary, final = (list(stage.transforms) for stage in stages)
+        if trivial:  # torchvision's TrivialAugmentWide, where timm puts its auto-augment
+            mode = (
+                InterpolationMode.BICUBIC
+                if config["interpolation"] == "bicubic"
+                else InterpolationMode.BILINEAR
+            )
+            secondary.insert(0, TrivialAugmentWide(interpolation=mode))
+        return Compose(primary + secondary + final)
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {
