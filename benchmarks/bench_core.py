@@ -119,9 +119,7 @@ def peak_memory(method: str, args) -> float:
         torch.cuda.empty_cache()
         return peak
     command = [sys.executable, __file__, "--rss-of", method, "--args-json", json.dumps(vars(args))]
-    return float(
-        subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1]
-    )
+    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
 
 
 def _status_kb(field: str) -> int:
@@ -142,9 +140,7 @@ def rss_child(method: str, args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
@@ -165,10 +161,7 @@ def main() -> None:
     models = {m: build(m, args) for m in METHODS}
     trainable = {m: count_parameters(model).trainable for m, model in models.items()}
     saved = {m: saved_for_backward_bytes(model, args) / 2**20 for m, model in models.items()}
-    steps = {
-        m: make_step(torch.compile(model) if args.compile else model, args)
-        for m, model in models.items()
-    }
+    steps = {m: make_step(torch.compile(model) if args.compile else model, args) for m, model in models.items()}
     timed_rounds(steps, args.warmup, args.device)
     step_time = timed_rounds(steps, args.rounds, args.device)
     del steps
@@ -203,15 +196,9 @@ def main() -> None:
         if args.device.startswith("cuda")
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     )
-    print(
-        f"\n{args.model} {args.img_size}px, batch {args.batch}, {args.dtype}, LoRA rank {args.rank}, {device}"
-    )
+    print(f"\n{args.model} {args.img_size}px, batch {args.batch}, {args.dtype}, LoRA rank {args.rank}, {device}")
     print(f"torch {torch.__version__}, timm {timm.__version__}, command: {' '.join(sys.argv)}\n")
-    memory_label = (
-        "peak CUDA alloc (MB)"
-        if args.device.startswith("cuda")
-        else "peak RSS over interpreter (MB)"
-    )
+    memory_label = "peak CUDA alloc (MB)" if args.device.startswith("cuda") else "peak RSS over interpreter (MB)"
     print(
         f"| method | trainable | step (ms) | vs full | vs PEFT | saved for backward (MB) | {memory_label} | memory vs full |"
     )

@@ -34,9 +34,7 @@ def create_backbone(name: str, weights: Path | None) -> torch.nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_tiny_patch16_224.augreg_in21k_ft_in1k")
     parser.add_argument("--weights", type=Path, help="local weights file with timm keys (offline)")
     parser.add_argument("--num-classes", type=int, default=10)

@@ -32,9 +32,7 @@ def tiny_model(name: str = "vit_tiny_patch16_224", num_classes: int = 5, seed: i
         model.reset_classifier(num_classes)
     torch.manual_seed(seed)  # the same base weights whatever the head size
     with torch.no_grad():  # DINOv2's layer scale starts at 1e-5, EVA's head near 0: wake them up
-        for key, tensor in sorted(
-            model.named_parameters(), key=lambda kv: kv[0].startswith("head")
-        ):
+        for key, tensor in sorted(model.named_parameters(), key=lambda kv: kv[0].startswith("head")):
             if key.endswith(".gamma") or "bias" in key:
                 tensor.normal_(0.0, 0.5)
             elif key.startswith("head") and key.endswith("weight"):

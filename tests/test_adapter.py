@@ -37,12 +37,14 @@ class ModelState:
     def __init__(self, model):
         self.state = {k: v.clone() for k, v in model.state_dict().items()}
         self.types = [(n, type(m)) for n, m in model.named_modules()]
+        self.modules = [(n, id(m), m.training) for n, m in model.named_modules()]
         self.grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self.num_classes = model.num_classes
         self.output = model(images())
 
     def assert_unchanged(self, model):
         assert [(n, type(m)) for n, m in model.named_modules()] == self.types
+        assert [(n, id(m), m.training) for n, m in model.named_modules()] == self.modules  # the same objects
         assert model.state_dict().keys() == self.state.keys()
         assert all(torch.equal(v, self.state[k]) for k, v in model.state_dict().items())
         assert {n: p.requires_grad for n, p in model.named_parameters()} == self.grad
@@ -111,6 +113,44 @@ def test_fingerprint_ignores_dtype_lora_and_head_but_not_other_weights():
     assert base_fingerprint(tiny_model().to(torch.bfloat16)) == fingerprint
     assert base_fingerprint(inject_lora(tiny_model(), LoRAConfig())) == fingerprint
     assert base_fingerprint(tiny_model(seed=1)) != fingerprint
+    nudged = tiny_model()
+    with torch.no_grad():
+        nudged.blocks[1].mlp.fc2.weight[0, 0] += 0.01
+    assert base_fingerprint(nudged) != fingerprint
+    with pytest.raises(ValueError, match="float16"):
+        base_fingerprint(tiny_model().half())
+
+
+def test_adapter_files_are_shareable_not_private(tmp_path):
+    import os
+    import stat
+
+    _, path = trained_adapter(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_foreign_metadata_strings_are_kept_and_bad_class_names_refused(tmp_path):
+    _, path = trained_adapter(tmp_path)
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    rewrite(path, metadata={**meta, "note": "written by another tool"})
+    assert read_adapter(path).metadata["note"] == "written by another tool"
+    rewrite(path, metadata={**meta, "class_names": json.dumps(["a", "b"])})
+    with pytest.raises(AdapterError, match="not a list of 5 names"):
+        read_adapter(path)
+
+
+def test_a_config_that_does_not_fit_the_model_is_an_adapter_error(tmp_path):
+    model = tiny_model(depth=3)
+    inject_lora(model, LoRAConfig(blocks=[2]))
+    path = save_adapter(model, tmp_path / "deep.safetensors")
+    shallow = tiny_model()
+    before = ModelState(shallow)
+    with pytest.raises(AdapterError, match="does not fit this model"):
+        load_adapter(shallow, path, check_base=False)
+    before.assert_unchanged(shallow)
 
 
 # --- bad input: a clear error, and the model exactly as it was ------------------------------
@@ -195,9 +235,7 @@ def test_another_architecture_is_refused(tmp_path):
     _, path = trained_adapter(tmp_path)
     other = tiny_model("deit_tiny_distilled_patch16_224")
     before = ModelState(other)
-    with pytest.raises(
-        AdapterError, match=r"architecture 'vit_tiny_patch16_224'.*deit_tiny_distilled"
-    ):
+    with pytest.raises(AdapterError, match=r"architecture 'vit_tiny_patch16_224'.*deit_tiny_distilled"):
         load_adapter(other, path)
     before.assert_unchanged(other)
 
@@ -252,9 +290,7 @@ def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path,
 
 def test_load_onto_a_model_on_another_dtype_keeps_that_dtype(tmp_path):
     model, path = trained_adapter(tmp_path)
-    plain = tiny_model().to(torch.bfloat16)
+    plain = tiny_model(num_classes=1000).to(torch.bfloat16)
     load_adapter(plain, path)
-    assert plain.blocks[0].attn.qkv.lora_B.dtype == torch.bfloat16
-    torch.testing.assert_close(
-        plain(images().bfloat16()).float(), model(images()), atol=0.1, rtol=0.05
-    )
+    assert plain.blocks[0].attn.qkv.lora_B.dtype == torch.bfloat16 and plain.head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(plain(images().bfloat16()).float(), model(images()), atol=0.1, rtol=0.05)

@@ -53,9 +53,7 @@ def test_fit_other_methods(workspace, method):
 
 def test_fit_saves_config_logs_and_a_small_checkpoint(lora_run):
     assert (lora_run / "config.yaml").is_file()
-    assert "model.lora.rank" in (lora_run / "config.yaml").read_text().replace(
-        "\n    rank", " model.lora.rank"
-    )
+    assert "model.lora.rank" in (lora_run / "config.yaml").read_text().replace("\n    rank", " model.lora.rank")
     assert list(lora_run.glob("events.out.tfevents.*"))
     rows = list(csv.DictReader((lora_run / "metrics.csv").read_text().splitlines()))
     assert any(row.get("val/top1") for row in rows)
@@ -67,9 +65,7 @@ def test_validate_and_test_from_the_checkpoint(workspace, lora_run):
     ckpt = str(lora_run / "checkpoints" / "last.ckpt")
     run(workspace, "validate", "--ckpt_path", ckpt, name="validate")
     folder = run(workspace, "test", "--ckpt_path", ckpt, name="test")
-    assert (folder / "confusion_matrix.png").is_file() and (
-        folder / "per_class_accuracy.csv"
-    ).is_file()
+    assert (folder / "confusion_matrix.png").is_file() and (folder / "per_class_accuracy.csv").is_file()
 
 
 def test_export_gives_an_adapter_that_reproduces_the_module(workspace, lora_run):
@@ -79,9 +75,7 @@ def test_export_gives_an_adapter_that_reproduces_the_module(workspace, lora_run)
     adapter = read_adapter(adapter_path)
     assert adapter.class_names == ["apple", "banana", "cherry"] and adapter.config.rank == 4
     module = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True).eval()
-    plain = create_backbone(
-        "vit_tiny_patch16_224", 1000, weights=workspace / "base.safetensors", img_size=32, **TINY
-    )
+    plain = create_backbone("vit_tiny_patch16_224", 1000, weights=workspace / "base.safetensors", img_size=32, **TINY)
     model = load_adapter(plain, adapter_path).eval()
     x = torch.stack(
         [
@@ -110,11 +104,7 @@ def test_classify_writes_top_k_and_reports_unreadable_images(workspace, lora_run
         out = workspace / f"preds.{suffix}"
         main(["classify", str(adapter_path), str(workspace / "data" / "test"), str(broken),
               "--output", str(out), "--weights", str(workspace / "base.safetensors"), "--top-k", "2"])  # fmt: skip
-        rows = (
-            json.loads(out.read_text())
-            if suffix == "json"
-            else list(csv.DictReader(out.read_text().splitlines()))
-        )
+        rows = json.loads(out.read_text()) if suffix == "json" else list(csv.DictReader(out.read_text().splitlines()))
         assert len(rows) == 10
         good = [r for r in rows if not r["error"]]
         assert len(good) == 9 and "broken.jpg" in rows[-1]["path"] and rows[-1]["error"]
@@ -143,16 +133,11 @@ def test_every_recipe_parses(recipe, capsys):
 
 GROCERY = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-store"
 WEIGHTS = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "weights"
-    / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+    Path(__file__).resolve().parents[2] / "shared" / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
 )
 
 
-@pytest.mark.skipif(
-    not (GROCERY.is_dir() and WEIGHTS.is_file()), reason="../shared data or weights absent"
-)
+@pytest.mark.skipif(not (GROCERY.is_dir() and WEIGHTS.is_file()), reason="../shared data or weights absent")
 def test_short_real_run_on_a_few_grocery_photos(tmp_path):
     """The real backbone on real product photos: 3 classes x 4 photos through a manifest."""
     lines = ["path,label,split"]

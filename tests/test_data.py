@@ -11,9 +11,7 @@ GROCERY = SHARED / "data" / "grocery-store"
 
 
 def module(root, **kwargs):
-    defaults = dict(
-        backbone="vit_tiny_patch16_224", img_size=32, batch_size=4, num_workers=0, auto_augment=None
-    )
+    defaults = dict(backbone="vit_tiny_patch16_224", img_size=32, batch_size=4, num_workers=0, auto_augment=None)
     return ImageDataModule(str(root), **{**defaults, **kwargs})
 
 
@@ -35,17 +33,13 @@ def test_csv_manifest_with_and_without_split(tmp_path):
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     index = read_dataset(tmp_path)
     assert index.class_names == ["apple", "banana"] and len(index.splits["val"]) == 6
-    (tmp_path / "m2.csv").write_text(
-        "path,label\ntrain/apple/apple_0.png,apple\ntrain/banana/banana_0.png,banana\n"
-    )
+    (tmp_path / "m2.csv").write_text("path,label\ntrain/apple/apple_0.png,apple\ntrain/banana/banana_0.png,banana\n")
     assert list(read_dataset(tmp_path, manifest=tmp_path / "m2.csv").splits) == ["train"]
 
 
 def write_grocery(root, lines, classes=("Golden-Delicious,0,Apple,0,x,y", "Banana,1,Banana,1,x,y")):
     make_image_folder(root, classes=("a", "b"), per_split={"train": 2})
-    (root / "classes.csv").write_text(
-        "Class Name (str),Class ID (int),Coarse...\n" + "\n".join(classes) + "\n"
-    )
+    (root / "classes.csv").write_text("Class Name (str),Class ID (int),Coarse...\n" + "\n".join(classes) + "\n")
     (root / "train.txt").write_text("\n".join(lines) + "\n")
 
 
@@ -65,10 +59,7 @@ def test_grocery_layout_fine_and_coarse(tmp_path):
             r"val/banana: empty class folder",
         ),
         (
-            lambda root: (
-                (root / "val" / "durian").mkdir()
-                or Image.new("RGB", (9, 9)).save(root / "val/durian/x.png")
-            ),
+            lambda root: (root / "val" / "durian").mkdir() or Image.new("RGB", (9, 9)).save(root / "val/durian/x.png"),
             r"durian.*not among the train classes",
         ),
     ],
@@ -76,8 +67,8 @@ def test_grocery_layout_fine_and_coarse(tmp_path):
 def test_folder_problems_are_named_at_setup(tmp_path, break_it, message):
     make_image_folder(tmp_path)
     break_it(tmp_path)
-    if message is None:
-        read_dataset(tmp_path)  # a removed file is simply not listed
+    if message is None:  # a removed file is simply not listed
+        assert len(read_dataset(tmp_path).splits["train"]) == 23
         return
     with pytest.raises(DatasetError, match=message):
         module(tmp_path).setup("fit")
@@ -86,31 +77,29 @@ def test_folder_problems_are_named_at_setup(tmp_path, break_it, message):
 def test_manifest_problems_are_named(tmp_path):
     make_image_folder(tmp_path)
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text(
-        "path,label,split\ntrain/apple/apple_0.png,apple,train\nval/x/gone.png,apple,val\n"
-    )
+    manifest.write_text("path,label,split\ntrain/apple/apple_0.png,apple,train\nval/x/gone.png,apple,val\n")
     with pytest.raises(DatasetError, match=r"1 listed image files do not exist.*gone\.png"):
         read_dataset(tmp_path)
-    manifest.write_text(
-        "path,label,split\ntrain/apple/apple_0.png,apple,train\nval/apple/apple_0.png,kiwi,val\n"
-    )
-    with pytest.raises(
-        DatasetError, match=r"manifest\.csv: val rows use labels not in train: \['kiwi'\]"
-    ):
+    manifest.write_text("path,label,split\ntrain/apple/apple_0.png,apple,train\nval/apple/apple_0.png,kiwi,val\n")
+    with pytest.raises(DatasetError, match=r"manifest\.csv: val rows use labels not in train: \['kiwi'\]"):
         read_dataset(tmp_path)
     write_grocery(tmp_path / "g", ["train/a/a_0.png, 7, 0"])
     with pytest.raises(DatasetError, match=r"train\.txt:1: unknown fine label 7"):
         read_dataset(tmp_path / "g")
     with pytest.raises(DatasetError, match="cannot tell the dataset layout"):
         read_dataset(tmp_path / "g" / "train")
+    manifest.write_text("path,label,split\ntrain/apple/apple_0.png,,train\n")
+    with pytest.raises(DatasetError, match=r"manifest\.csv:2: a row needs both a path and a label"):
+        read_dataset(tmp_path)
+    (tmp_path / "g" / "classes.csv").write_text("header\nBanana\n")
+    with pytest.raises(DatasetError, match=r"classes\.csv:2: expected"):
+        read_dataset(tmp_path / "g")
 
 
 def test_bad_images_are_skipped_with_one_warning_each_or_fail_fast(tmp_path, caplog):
     make_image_folder(tmp_path)
     (tmp_path / "train/apple/apple_0.png").write_bytes(b"garbage")
-    (tmp_path / "train/banana/banana_0.png").write_bytes(
-        (tmp_path / "train/banana/banana_1.png").read_bytes()[:60]
-    )
+    (tmp_path / "train/banana/banana_0.png").write_bytes((tmp_path / "train/banana/banana_1.png").read_bytes()[:60])
     Image.new("CMYK", (30, 30)).save(tmp_path / "train/cherry/cmyk.jpg")  # convertible: kept
     data = module(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
@@ -154,20 +143,35 @@ def test_training_order_and_augmentation_depend_only_on_seed_and_epoch(tmp_path)
     assert list(sampler) != epoch0 and sorted(i for i, _ in sampler) == list(range(10))
 
 
-def test_mixup_gives_soft_targets_in_training_only(tmp_path):
+def fake_trainer(training=True, batches=3):
+    from types import SimpleNamespace
+
+    progress = SimpleNamespace(total=SimpleNamespace(ready=batches))
+    return SimpleNamespace(
+        training=training, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+    )
+
+
+def test_mixup_gives_soft_targets_seeded_by_the_batch_in_training_only(tmp_path):
     make_image_folder(tmp_path)
     data = module(tmp_path, mixup=0.8, cutmix=1.0)
     data.setup("fit")
     images, labels = next(iter(data.train_dataloader()))
-
-    class FakeTrainer:
-        training, global_step = True, 3
-
-    data.trainer = FakeTrainer()
-    _mixed, soft = data.on_after_batch_transfer((images, labels), 0)
+    mix = {}
+    for batches in (3, 3, 4):
+        data.trainer = fake_trainer(batches=batches)
+        mix.setdefault(batches, []).append(data.on_after_batch_transfer((images.clone(), labels), 0))
+    (mixed, soft), (again, soft_again) = mix[3]
     assert soft.shape == (4, 3) and torch.allclose(soft.sum(-1), torch.ones(4))
-    FakeTrainer.training = False
+    assert torch.equal(mixed, again) and torch.equal(soft, soft_again)  # same batch number, same mix
+    assert not torch.equal(mix[4][0][1], soft) or not torch.equal(mix[4][0][0], mixed)
+    data.trainer = fake_trainer(training=False)
     assert data.on_after_batch_transfer((images, labels), 0)[1] is labels
+
+
+def test_mixup_needs_an_even_batch(tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be even, got 5"):
+        module(tmp_path, mixup=0.2, batch_size=5)
 
 
 def test_val_is_carved_from_train_when_absent(tmp_path):

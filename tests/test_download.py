@@ -11,9 +11,7 @@ def make_archive(path, with_dataset=True):
         archive.writestr("GroceryStoreDataset-master/README.md", "readme")
         if with_dataset:
             archive.writestr("GroceryStoreDataset-master/dataset/train.txt", "train/a.jpg, 0, 0\n")
-            archive.writestr(
-                "GroceryStoreDataset-master/dataset/classes.csv", "header\nA,0,A,0,x,y\n"
-            )
+            archive.writestr("GroceryStoreDataset-master/dataset/classes.csv", "header\nA,0,A,0,x,y\n")
             archive.writestr("GroceryStoreDataset-master/dataset/train/a.jpg", b"jpeg")
     return path
 
@@ -23,9 +21,7 @@ def test_download_installs_the_dataset_folder_from_a_local_archive(tmp_path):
     target = download_grocery_store(tmp_path / "data" / "grocery-store", url=archive.as_uri())
     assert (target / "train.txt").is_file() and (target / "train" / "a.jpg").read_bytes() == b"jpeg"
     assert (target / "LICENSE").read_text() == "MIT"
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
-        "grocery-store"
-    ]  # no temporaries
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["grocery-store"]  # no temporaries
 
 
 def test_a_bad_archive_leaves_nothing_behind(tmp_path):

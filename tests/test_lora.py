@@ -142,9 +142,7 @@ def test_lora_takes_effect_in_every_family(model_name):
     assert (model(x) - expected).abs().max() > 1e-3
     for name, layer in lora_modules(model):  # each wrapper, called alone, returns its update
         inputs = torch.randn(3, layer.in_features)
-        assert not torch.allclose(
-            layer(inputs), nn.functional.linear(inputs, layer.weight, layer.bias)
-        ), name
+        assert not torch.allclose(layer(inputs), nn.functional.linear(inputs, layer.weight, layer.bias)), name
 
 
 def test_eva_fused_qkv_with_q_v_biases_is_routed_through_the_lora_module():
@@ -159,8 +157,6 @@ def test_eva_fused_qkv_with_q_v_biases_is_routed_through_the_lora_module():
 
 def test_an_attention_that_bypasses_its_module_is_refused_and_the_model_restored(monkeypatch):
     model = tiny_model("eva02_tiny_patch14_224")
-    attn_class = type(model.blocks[0].attn)
-    monkeypatch.setattr(attn_class, "qkv_bias_separate", False, raising=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     types = module_types(model)
     monkeypatch.setattr(
@@ -179,9 +175,7 @@ def test_only_lora_and_heads_are_trainable_and_counts_match_the_formula(model_na
     inject_lora(model, LoRAConfig(rank=rank, targets=ALL_TARGETS))
     heads = ("head.", "head_dist.")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {
-        n for n, _ in model.named_parameters() if "lora_" in n or n.startswith(heads)
-    }
+    assert trainable == {n for n, _ in model.named_parameters() if "lora_" in n or n.startswith(heads)}
     if model_name == "deit_tiny_distilled_patch16_224":
         assert {"head_dist.weight", "head.weight"} <= trainable
     if model_name == "vit_base_patch16_siglip_224":
@@ -231,6 +225,25 @@ def test_fused_qkv_keeps_one_wrapper_per_layer_and_the_attribute_path():
     assert layer.lora_A.shape == (6, 64) and layer.lora_B.shape == (192, 2)
     assert [n for n, _ in lora_modules(model)] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
     assert "blocks.0.attn.qkv.weight" in model.state_dict()
+
+
+def test_injection_keeps_the_model_mode_so_eval_has_no_lora_dropout():
+    model = tiny_model().eval()
+    inject_lora(model, LoRAConfig(dropout=0.5), verify=False)
+    assert not any(m.training for m in model.modules())
+    randomize_lora(model)
+    assert torch.equal(model(images()), model(images()))
+    model.train()
+    inject_check = [m for _, m in lora_modules(model)]
+    assert all(m.training for m in inject_check)
+
+
+def test_hybrid_vit_with_a_cnn_stem_is_supported():
+    model = timm.create_model("vit_tiny_r_s16_p8_224", img_size=64, depth=2, num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    expected = model(x)
+    inject_lora(model, LoRAConfig())
+    assert torch.equal(model(x), expected) and len(lora_modules(model)) == 2
 
 
 def test_injecting_twice_is_refused():
@@ -284,9 +297,7 @@ def test_autocast_forward_and_backward(dtype):
     loss.backward()
     torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert grads and all(
-        g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads
-    )
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
 
 
 def test_torch_compile_matches_eager_on_an_injected_model():

@@ -20,9 +20,7 @@ def tiny_weights(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
     save_file(
-        create_backbone(
-            "vit_tiny_patch16_224", 1000, pretrained=False, img_size=32, **TINY
-        ).state_dict(),
+        create_backbone("vit_tiny_patch16_224", 1000, pretrained=False, img_size=32, **TINY).state_dict(),
         path,
     )
     return path
@@ -50,15 +48,9 @@ def classifier(method="lora", **kwargs):
     return ImageClassifier(**{**defaults, **kwargs})
 
 
-def datamodule(root):
-    return ImageDataModule(
-        str(root),
-        backbone="vit_tiny_patch16_224",
-        img_size=32,
-        batch_size=4,
-        num_workers=0,
-        auto_augment=None,
-    )
+def datamodule(root, **kwargs):
+    defaults = dict(backbone="vit_tiny_patch16_224", img_size=32, batch_size=4, num_workers=0, auto_augment=None)
+    return ImageDataModule(str(root), **{**defaults, **kwargs})
 
 
 class LossRecorder(Callback):
@@ -87,18 +79,14 @@ def images(tmp_path):
     return make_image_folder(tmp_path / "data")
 
 
-@pytest.mark.parametrize(
-    ("method", "trainable"), [("lora", {"lora", "head"}), ("linear", {"head"}), ("full", None)]
-)
+@pytest.mark.parametrize(("method", "trainable"), [("lora", {"lora", "head"}), ("linear", {"head"}), ("full", None)])
 def test_each_method_trains_the_right_parameters(method, trainable):
     model = classifier(method)
     names = {n for n, p in model.model.named_parameters() if p.requires_grad}
     if trainable is None:
         assert names == {n for n, _ in model.model.named_parameters()}
     else:
-        kinds = {
-            "lora" if "lora_" in n else "head" if n.startswith("head.") else "other" for n in names
-        }
+        kinds = {"lora" if "lora_" in n else "head" if n.startswith("head.") else "other" for n in names}
         assert kinds == trainable
     assert bool(lora_modules(model.model)) == (method == "lora")
 
@@ -120,23 +108,19 @@ def test_optimizer_groups_and_schedule(tmp_path, images):
         assert by_id[id(model.model.get_parameter(name))]["weight_decay"] == 0.0, name
     assert by_id[id(model.model.head.weight)]["initial_lr"] == 0.5
     assert by_id[id(model.model.blocks[0].attn.qkv.weight)]["initial_lr"] == 1e-2
+    schedule = model.trainer.lr_scheduler_configs[0].scheduler
+    assert schedule.lr_lambdas[0](0) < 1.0  # warming up over the first half epoch (warmup_epochs=0.5)
     ramp = [warmup_cosine(s, 10, 100, 0.01) for s in range(100)]
-    assert (
-        ramp[0] < ramp[9] <= 1.0 and ramp[10] == 1.0 and ramp[-1] == pytest.approx(0.01, abs=1e-3)
-    )
+    assert ramp[0] < ramp[9] <= 1.0 and ramp[10] == 1.0 and ramp[-1] == pytest.approx(0.01, abs=1e-3)
 
 
 def test_lora_checkpoint_holds_only_trainable_tensors(tmp_path, images):
     model = classifier("lora")
     trainer(tmp_path, max_epochs=1).fit(model, datamodule(images))
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    assert set(checkpoint["state_dict"]) == {
-        f"model.{n}" for n, p in model.model.named_parameters() if p.requires_grad
-    }
+    assert set(checkpoint["state_dict"]) == {f"model.{n}" for n, p in model.model.named_parameters() if p.requires_grad}
     assert checkpoint["hyper_parameters"]["class_names"] == ["apple", "banana", "cherry"]
-    restored = ImageClassifier.load_from_checkpoint(
-        tmp_path / "ckpt" / "last.ckpt", weights_only=True
-    )
+    restored = ImageClassifier.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     restored.eval()
@@ -144,15 +128,19 @@ def test_lora_checkpoint_holds_only_trainable_tensors(tmp_path, images):
 
 
 def test_resume_continues_exactly(tmp_path, images):
+    """With every source of randomness on: LoRA dropout, drop-path, RandAugment, mixup/cutmix."""
+    random = dict(lora=LoRAConfig(rank=4, dropout=0.2), drop_path_rate=0.2)
+    augment = dict(auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0)
     uninterrupted = LossRecorder()
-    trainer(tmp_path / "a", callbacks=[uninterrupted]).fit(classifier(), datamodule(images))
+    trainer(tmp_path / "a", callbacks=[uninterrupted]).fit(classifier(**random), datamodule(images, **augment))
 
-    trainer(tmp_path / "b", callbacks=[StopAfterFirstEpoch()]).fit(classifier(), datamodule(images))
+    trainer(tmp_path / "b", callbacks=[StopAfterFirstEpoch()]).fit(classifier(**random), datamodule(images, **augment))
     resumed = LossRecorder()
     torch.manual_seed(999)  # a resumed process starts from another RNG state
     trainer(tmp_path / "b", callbacks=[resumed]).fit(
-        classifier(), datamodule(images), ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt"
+        classifier(**random), datamodule(images, **augment), ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt"
     )
+    assert len(set(uninterrupted.losses.values())) == 6
     assert sorted(resumed.losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed.losses[step] == uninterrupted.losses[step], step
@@ -171,6 +159,40 @@ def test_test_stage_writes_metrics_per_class_accuracy_and_confusion_png(tmp_path
     assert Image.open(tmp_path / "confusion_matrix.png").size[0] > 30
 
 
+def test_warmup_is_sized_in_epochs_also_when_training_is_limited_by_steps(tmp_path, images):
+    model = classifier(warmup_epochs=1.0)
+    run = L.Trainer(max_steps=12, limit_val_batches=0, accelerator="cpu", logger=False, enable_progress_bar=False,
+                    enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    learning_rates = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            learning_rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    run.callbacks.append(Record())
+    run.fit(model, datamodule(images))  # 24 images / batch 4 = 6 steps per epoch
+    peak = max(learning_rates)
+    assert learning_rates.index(peak) == 6 and learning_rates[-1] < peak / 2
+
+
+def test_a_checkpoint_refuses_another_base(tmp_path, images):
+    from safetensors.torch import save_file
+
+    trainer(tmp_path, max_epochs=1).fit(classifier(), datamodule(images))
+    torch.manual_seed(5)
+    other = create_backbone("vit_tiny_patch16_224", 1000, pretrained=False, img_size=32, **TINY)
+    save_file(other.state_dict(), tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="differ from those this checkpoint was trained on"):
+        ImageClassifier.load_from_checkpoint(
+            tmp_path / "ckpt" / "last.ckpt", weights_only=True, weights=str(tmp_path / "other.safetensors")
+        )
+
+
+def test_an_unknown_backbone_name_is_named():
+    with pytest.raises(ValueError, match="Unknown timm model 'vit_tinyy'"):
+        create_backbone("vit_tinyy", 3)
+
+
 def test_top5_is_reported_when_there_are_more_than_five_classes():
     assert "top5" in classifier(class_names=[str(i) for i in range(7)]).val_metrics
     assert "top5" not in classifier().val_metrics
@@ -179,9 +201,7 @@ def test_top5_is_reported_when_there_are_more_than_five_classes():
 def test_missing_weights_error_says_how_to_pass_a_local_file(monkeypatch):
     import huggingface_hub.constants
 
-    monkeypatch.setattr(
-        huggingface_hub.constants, "HF_HUB_OFFLINE", True
-    )  # fail at once, no retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, no retries
     with pytest.raises(WeightsUnavailable, match=r"--model\.weights path/to/vit_tiny_patch16_224"):
         create_backbone("vit_tiny_patch16_224", 3, pretrained=True, img_size=32, **TINY)
 
@@ -193,20 +213,14 @@ def test_local_weights_load_strictly_except_the_head(tmp_path):
     source = create_backbone("vit_tiny_patch16_224", 10, pretrained=False, img_size=32, **TINY)
     torch.nn.init.normal_(source.head.weight)
     save_file(source.state_dict(), tmp_path / "w.safetensors")
-    model = create_backbone(
-        "vit_tiny_patch16_224", 3, weights=tmp_path / "w.safetensors", img_size=32, **TINY
-    )
+    model = create_backbone("vit_tiny_patch16_224", 3, weights=tmp_path / "w.safetensors", img_size=32, **TINY)
     assert torch.equal(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
     assert model.head.weight.shape == (3, 64) and not model.head.weight.any()
     state = source.state_dict()
     del state["blocks.0.attn.qkv.weight"]
     save_file(state, tmp_path / "broken.safetensors")
-    with pytest.raises(
-        ValueError, match=r"(?s)broken\.safetensors: does not match.*blocks\.0\.attn\.qkv\.weight"
-    ):
-        create_backbone(
-            "vit_tiny_patch16_224", 3, weights=tmp_path / "broken.safetensors", img_size=32, **TINY
-        )
+    with pytest.raises(ValueError, match=r"(?s)broken\.safetensors: does not match.*blocks\.0\.attn\.qkv\.weight"):
+        create_backbone("vit_tiny_patch16_224", 3, weights=tmp_path / "broken.safetensors", img_size=32, **TINY)
 
 
 @pytest.mark.skipif(not REAL_WEIGHTS.is_file(), reason="../shared weights absent")

@@ -21,8 +21,6 @@ def test_real_vit_tiny_loads_strictly_and_injection_keeps_its_predictions():
         inject_lora(model, LoRAConfig(rank=8, targets=("q", "v")))
         assert torch.equal(model(x), expected)
         count = count_parameters(model)
-        assert count.trainable_fraction < 0.05 and count.by_group["lora"] == 12 * 2 * 8 * (
-            192 + 192
-        )
+        assert count.trainable_fraction < 0.05 and count.by_group["lora"] == 12 * 2 * 8 * (192 + 192)
         merge_lora(model)
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)

@@ -23,15 +23,8 @@ from safetensors.torch import save as serialize
 from torch import nn
 
 from vitlora.files import atomic_write
-from vitlora.lora import (
-    LoRAConfig,
-    adapter_state_dict,
-    inject_lora,
-    lora_config,
-    lora_modules,
-    remove_lora,
-)
-from vitlora.targets import classifier_names
+from vitlora.lora import LoRAConfig, adapter_state_dict, inject_lora, lora_config, lora_modules
+from vitlora.targets import LoRASite, classifier_names, find_lora_sites, restore_fused_qkv_routing
 
 FORMAT = "vitlora.adapter"
 FORMAT_VERSION = "1"
@@ -82,6 +75,11 @@ def base_fingerprint(model: nn.Module) -> str:
     """
     model = getattr(model, "_orig_mod", model)
     heads = tuple(f"{name}." for name in classifier_names(model))
+    if any(t.dtype == torch.float16 for t in model.state_dict().values()):
+        raise ValueError(
+            "Cannot fingerprint float16 weights (fp16 -> bf16 double rounding changes them): "
+            "load the base in float32 or bfloat16, load the adapter, then call .half()."
+        )
     digest = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
         if key.startswith(heads) or "lora_" in key.rsplit(".", 1)[-1]:
@@ -112,9 +110,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
     if class_names is not None:
         class_names = [str(name) for name in class_names]
         if len(class_names) != num_classes:
-            raise ValueError(
-                f"Got {len(class_names)} class names for a model with {num_classes} classes."
-            )
+            raise ValueError(f"Got {len(class_names)} class names for a model with {num_classes} classes.")
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -149,13 +145,9 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     except SafetensorError as error:
         raise AdapterError(path, f"not a readable safetensors file ({error}).") from error
     if header.get("format") != FORMAT:
-        raise AdapterError(
-            path, f"not a vitlora adapter (metadata 'format' is {header.get('format')!r})."
-        )
+        raise AdapterError(path, f"not a vitlora adapter (metadata 'format' is {header.get('format')!r}).")
     if header.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(
-            path, f"adapter format version {header.get('format_version')!r} is not supported."
-        )
+        raise AdapterError(path, f"adapter format version {header.get('format_version')!r} is not supported.")
     missing = {"lora_config", "num_classes", "base_fingerprint"} - header.keys()
     if missing:
         raise AdapterError(path, f"metadata is missing {sorted(missing)}.")
@@ -163,16 +155,18 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         config = LoRAConfig.from_json(header["lora_config"])
         num_classes = int(header["num_classes"])
         class_names = json.loads(header["class_names"]) if "class_names" in header else None
-        extra = {
-            key: json.loads(value)
-            for key, value in header.items()
-            if key not in _RESERVED | {"model_name", "class_names"}
-        }
     except (ValueError, TypeError) as error:
         raise AdapterError(path, f"invalid metadata ({error}).") from error
-    extra.update(
-        {k: header[k] for k in ("vitlora_version", "timm_version", "torch_version") if k in header}
-    )
+    if class_names is not None and (
+        not isinstance(class_names, list)
+        or len(class_names) != num_classes
+        or not all(isinstance(name, str) for name in class_names)
+    ):
+        raise AdapterError(path, f"metadata 'class_names' is not a list of {num_classes} names.")
+    extra = {
+        key: _decode(value) for key, value in header.items() if key not in _RESERVED | {"model_name", "class_names"}
+    }
+    extra.update({k: header[k] for k in ("vitlora_version", "timm_version", "torch_version") if k in header})
     return Adapter(
         path=path,
         config=config,
@@ -186,9 +180,15 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     )
 
 
-def load_adapter(
-    model: nn.Module, path: str | os.PathLike, *, check_base: bool = True
-) -> nn.Module:
+def _decode(value: str) -> Any:
+    """Extra metadata is JSON when vitlora wrote it; other tools' plain strings stay strings."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
     """Injects LoRA into a plain timm model per the file's config and loads its tensors and head.
 
     The classifier is resized to the adapter's classes when needed. Raises
@@ -198,11 +198,16 @@ def load_adapter(
     """
     adapter = read_adapter(path)
     _check_compatible(model, adapter, check_base)
-    snapshot = _Snapshot(model)
     try:
-        with torch.random.fork_rng(devices=[]):
+        sites = find_lora_sites(model, adapter.config.targets, adapter.config.blocks)
+    except ValueError as error:
+        raise AdapterError(adapter.path, f"its LoRA config does not fit this model: {error}") from error
+    snapshot = _Snapshot(model, sites)
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):  # injecting draws random A: keep the caller's RNG
             if getattr(model, "num_classes", None) != adapter.num_classes:
-                model.reset_classifier(adapter.num_classes)
+                _reset_classifier_like(model, adapter.num_classes)
             inject_lora(model, adapter.config)
         _copy_adapter_tensors(model, adapter)
     except BaseException:
@@ -211,11 +216,20 @@ def load_adapter(
     return model
 
 
+def _reset_classifier_like(model: nn.Module, num_classes: int) -> None:
+    """timm's reset_classifier, keeping the old head's device and dtype (older timm makes fp32 CPU heads)."""
+    old = {name: getattr(model, name) for name in classifier_names(model)}
+    like = next((p for head in old.values() for p in head.parameters()), None)
+    if like is None:
+        like = next(model.parameters())
+    model.reset_classifier(num_classes)
+    for name in old:
+        getattr(model, name).to(device=like.device, dtype=like.dtype)
+
+
 def _check_compatible(model: nn.Module, adapter: Adapter, check_base: bool) -> None:
     if lora_modules(model):
-        raise AdapterError(
-            adapter.path, "the model already has LoRA layers; load onto a plain timm model."
-        )
+        raise AdapterError(adapter.path, "the model already has LoRA layers; load onto a plain timm model.")
     architecture = architecture_of(model)
     if adapter.architecture and architecture and adapter.architecture != architecture:
         raise AdapterError(
@@ -259,21 +273,27 @@ def _copy_adapter_tensors(model: nn.Module, adapter: Adapter) -> None:
 
 
 class _Snapshot:
-    """What load_adapter may change: heads, num_classes, requires_grad and LoRA layers."""
+    """What load_adapter may change: the wrapped modules, heads, num_classes, modes, requires_grad."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, sites: list[LoRASite]) -> None:
+        self.linears = {site.path: site.linear for site in sites}
         self.heads = {name: getattr(model, name) for name in classifier_names(model)}
         self.num_classes = getattr(model, "num_classes", None)
         self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self.training = {module: module.training for module in model.modules()}
 
     def restore(self, model: nn.Module) -> None:
-        remove_lora(model)
+        for path, linear in self.linears.items():
+            model.set_submodule(path, linear)
+        restore_fused_qkv_routing(model)
         for name, head in self.heads.items():
             setattr(model, name, head)
         if self.num_classes is not None:
             model.num_classes = self.num_classes
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(self.requires_grad[name])
+        for module, training in self.training.items():
+            module.training = training
 
 
 def _vitlora_version() -> str:

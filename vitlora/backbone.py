@@ -30,6 +30,8 @@ def create_backbone(
     classifier (through timm's own filter, so positional embeddings are resized for another
     ``img_size``). Otherwise ``pretrained=True`` fetches from the timm hub as usual.
     """
+    if not timm.is_model(name):
+        raise ValueError(f"Unknown timm model {name!r}; timm.list_models('vit_*') lists the ViTs.")
     if weights is not None:
         path = Path(weights)
         state = read_state_dict(path)  # validates the file and never unpickles
@@ -49,10 +51,11 @@ def create_backbone(
         model.reset_classifier(num_classes)
     elif pretrained:
         try:
-            model = timm.create_model(
-                name, pretrained=True, num_classes=num_classes, **model_kwargs
-            )
-        except Exception as error:
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes, **model_kwargs)
+        except (
+            OSError,
+            RuntimeError,
+        ) as error:  # network and hub errors (huggingface_hub's are OSErrors)
             raise WeightsUnavailable(
                 f"Could not fetch pretrained weights for {name!r} ({type(error).__name__}: {error}). "
                 "On a machine without internet pass a local file with timm's keys: "

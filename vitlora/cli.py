@@ -8,8 +8,6 @@ vitlora classify grocery.safetensors photos/ --output preds.csv [--weights BASE]
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from vitlora.data import ImageDataModule
 from vitlora.module import ImageClassifier
+from vitlora.predictions import PredictionWriter, top_k_rows, write_predictions
 
 EXTRA_COMMANDS = ("export", "classify")
 
@@ -27,6 +26,8 @@ class VitloraCLI(LightningCLI):
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.img_size", "data.img_size")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("seed_everything", "model.seed")
+        parser.link_arguments("seed_everything", "data.seed")
 
 
 def trainer_defaults() -> dict:
@@ -36,10 +37,9 @@ def trainer_defaults() -> dict:
             "init_args": {"save_dir": "runs", "name": "vitlora"},
         },
         "callbacks": [
-            ModelCheckpoint(
-                monitor="val/top1", mode="max", save_last=True, filename="best-{epoch}-{step}"
-            ),
+            ModelCheckpoint(monitor="val/top1", mode="max", save_last=True, filename="best-{epoch}-{step}"),
             LearningRateMonitor(logging_interval="step"),
+            PredictionWriter(),
         ],
         "log_every_n_steps": 10,
     }
@@ -83,9 +83,7 @@ def export_adapter(ckpt_path: Path, output: Path, weights: str | None = None) ->
     if not Path(ckpt_path).is_file():
         raise SystemExit(f"{ckpt_path}: no such checkpoint.")
     overrides = {"weights": weights} if weights else {}
-    module = ImageClassifier.load_from_checkpoint(
-        ckpt_path, map_location="cpu", weights_only=True, **overrides
-    )
+    module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
     hp = module.hparams
     if hp.method != "lora":
         raise SystemExit(f"{ckpt_path}: a {hp.method!r} run has no LoRA adapter to export.")
@@ -105,9 +103,7 @@ def export_adapter(ckpt_path: Path, output: Path, weights: str | None = None) ->
 
 
 def classify_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="vitlora classify", description="Top-k labels for images with an adapter."
-    )
+    parser = argparse.ArgumentParser(prog="vitlora classify", description="Top-k labels for images with an adapter.")
     parser.add_argument("adapter", type=Path)
     parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     parser.add_argument("--output", required=True, type=Path, help="predictions .csv or .json")
@@ -126,10 +122,7 @@ def classify_command(argv: list[str]) -> None:
     )
     write_predictions(rows, args.output)
     failed = sum(1 for row in rows if row["error"])
-    print(
-        f"wrote {len(rows)} predictions to {args.output}"
-        + (f" ({failed} unreadable)" if failed else "")
-    )
+    print(f"wrote {len(rows)} predictions to {args.output}" + (f" ({failed} unreadable)" if failed else ""))
 
 
 def classify(
@@ -139,68 +132,44 @@ def classify(
     top_k: int = 5,
     batch_size: int = 32,
 ) -> list[dict]:
+    """Top-k rows per image; unreadable images get a row with ``error`` set instead of labels."""
     import torch
 
-    from vitlora.adapter import load_adapter, read_adapter
+    from vitlora.adapter import AdapterError, load_adapter, read_adapter
     from vitlora.backbone import create_backbone
     from vitlora.data import eval_transform, expand_image_paths
     from vitlora.images import BadImage, load_rgb
 
     adapter = read_adapter(adapter_path)
+    if not adapter.model_name:
+        raise AdapterError(adapter_path, "records no timm model name to build the base model from.")
     kwargs = dict(adapter.metadata.get("model_kwargs") or {})
     model = create_backbone(adapter.model_name, adapter.num_classes, weights=weights, **kwargs)
     model = load_adapter(model, adapter_path).eval()
     transform = eval_transform(adapter.model_name, kwargs.get("img_size"))
     names = adapter.class_names or [str(i) for i in range(adapter.num_classes)]
-    rows, pending = [], []
+    rows: list[dict] = []
+    pending: list[tuple[int, torch.Tensor]] = []
 
     def flush() -> None:
         with torch.inference_mode():
-            probs = model(torch.stack([tensor for _, tensor in pending])).softmax(-1)
-        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=-1)
-        for (row, _), p, i in zip(pending, values.tolist(), indices.tolist(), strict=True):
-            row["labels"] = [names[k] for k in i]
-            row["probabilities"] = [round(v, 6) for v in p]
+            probabilities = model(torch.stack([tensor for _, tensor in pending])).softmax(-1)
+        predicted = top_k_rows([rows[i]["path"] for i, _ in pending], probabilities, names, top_k)
+        for (i, _), row in zip(pending, predicted, strict=True):
+            rows[i] = row
         pending.clear()
 
     for path in expand_image_paths(inputs):
-        row = {"path": str(path), "labels": [], "probabilities": [], "error": ""}
-        rows.append(row)
+        rows.append({"path": str(path), "labels": [], "probabilities": [], "error": ""})
         try:
-            pending.append((row, transform(load_rgb(path))))
+            pending.append((len(rows) - 1, transform(load_rgb(path))))
         except BadImage as error:
-            row["error"] = str(error)
+            rows[-1]["error"] = str(error)
         if len(pending) == batch_size:
             flush()
     if pending:
         flush()
     return rows
-
-
-def write_predictions(rows: list[dict], output: Path) -> None:
-    from vitlora.files import atomic_write
-
-    with atomic_write(output) as tmp:
-        if output.suffix == ".json":
-            tmp.write_text(json.dumps(rows, indent=1))
-            return
-        k = max((len(row["labels"]) for row in rows), default=0)
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(
-                [
-                    "path",
-                    *[c for i in range(1, k + 1) for c in (f"label_{i}", f"prob_{i}")],
-                    "error",
-                ]
-            )
-            for row in rows:
-                pairs = [
-                    v
-                    for pair in zip(row["labels"], row["probabilities"], strict=True)
-                    for v in pair
-                ]
-                writer.writerow([row["path"], *pairs, *[""] * (2 * k - len(pairs)), row["error"]])
 
 
 if __name__ == "__main__":

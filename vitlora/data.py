@@ -71,12 +71,16 @@ def read_grocery(root: Path, label_level: str = "fine") -> DatasetIndex:
     if not classes_file.is_file():
         raise DatasetError(f"{classes_file}: missing (the grocery layout needs it).")
     with open(classes_file, newline="") as handle:
-        rows = list(csv.reader(handle))[1:]
+        rows = list(csv.reader(handle))
     column = 0 if label_level == "fine" else 2
-    id_column = 1 if label_level == "fine" else 3
     names: dict[int, str] = {}
-    for row in rows:
-        names.setdefault(int(row[id_column]), row[column].strip())
+    for number, row in enumerate(rows[1:], 2):
+        if not any(field.strip() for field in row):
+            continue
+        try:
+            names.setdefault(int(row[column + 1]), row[column].strip())
+        except (IndexError, ValueError) as error:
+            raise DatasetError(f"{classes_file}:{number}: expected 'name, id, coarse name, coarse id, ...'.") from error
     class_names = [names[i] for i in sorted(names)]
     if sorted(names) != list(range(len(names))):
         raise DatasetError(f"{classes_file}: class ids are not 0..{len(names) - 1}.")
@@ -93,9 +97,7 @@ def read_grocery(root: Path, label_level: str = "fine") -> DatasetIndex:
             try:
                 label = int(fields[1 if label_level == "fine" else 2])
             except (IndexError, ValueError) as error:
-                raise DatasetError(
-                    f"{listing}:{number}: expected 'path, fine id, coarse id'."
-                ) from error
+                raise DatasetError(f"{listing}:{number}: expected 'path, fine id, coarse id'.") from error
             if not 0 <= label < len(class_names):
                 raise DatasetError(f"{listing}:{number}: unknown {label_level} label {label}.")
             samples.append((root / fields[0], label))
@@ -119,9 +121,7 @@ def read_folders(root: Path) -> DatasetIndex:
         samples = []
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             if class_dir.name not in index:
-                raise DatasetError(
-                    f"{class_dir}: class {class_dir.name!r} is not among the train classes."
-                )
+                raise DatasetError(f"{class_dir}: class {class_dir.name!r} is not among the train classes.")
             files = sorted(f for f in class_dir.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise DatasetError(f"{class_dir}: empty class folder (no images).")
@@ -140,14 +140,12 @@ def read_manifest(manifest: Path) -> DatasetIndex:
         raise DatasetError(f"{manifest}: expected a header with columns path,label[,split].")
     by_split: dict[str, list[tuple[Path, str]]] = {}
     for number, row in enumerate(rows, 2):
+        if not (row.get("path") or "").strip() or not (row.get("label") or "").strip():
+            raise DatasetError(f"{manifest}:{number}: a row needs both a path and a label.")
         split = (row.get("split") or "train").strip()
         if split not in SPLITS:
-            raise DatasetError(
-                f"{manifest}:{number}: unknown split {split!r} (use {', '.join(SPLITS)})."
-            )
-        by_split.setdefault(split, []).append(
-            (manifest.parent / row["path"].strip(), row["label"].strip())
-        )
+            raise DatasetError(f"{manifest}:{number}: unknown split {split!r} (use {', '.join(SPLITS)}).")
+        by_split.setdefault(split, []).append((manifest.parent / row["path"].strip(), row["label"].strip()))
     if "train" not in by_split:
         raise DatasetError(f"{manifest}: no train rows.")
     class_names = sorted({label for _, label in by_split["train"]})
@@ -177,9 +175,7 @@ def read_dataset(
         index = read_manifest(Path(manifest) if manifest else root / "manifest.csv")
     else:
         raise DatasetError(f"Unknown layout {layout!r}: use auto, grocery, folder or csv.")
-    missing = [
-        str(path) for samples in index.splits.values() for path, _ in samples if not path.is_file()
-    ]
+    missing = [str(path) for samples in index.splits.values() for path, _ in samples if not path.is_file()]
     if missing:
         raise DatasetError(f"{len(missing)} listed image files do not exist, e.g. {missing[:3]}.")
     return index
@@ -201,9 +197,7 @@ def expand_image_paths(items: Sequence[str | Path]) -> list[Path]:
 
 def backbone_data_config(backbone: str, img_size: int | None = None) -> dict:
     """Resolution, mean/std, interpolation and crop from the backbone's pretrained config."""
-    cfg = timm.models.get_pretrained_cfg(backbone) or timm.models.get_pretrained_cfg(
-        backbone.split(".")[0]
-    )
+    cfg = timm.models.get_pretrained_cfg(backbone) or timm.models.get_pretrained_cfg(backbone.split(".")[0])
     config = timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict() if cfg else {})
     if img_size:
         config["input_size"] = (3, img_size, img_size)
@@ -236,9 +230,7 @@ def eval_transform(backbone: str, img_size: int | None = None):
 # --- decoding, checking and sampling -------------------------------------------------------
 
 
-def check_images(
-    samples: Sequence[Sample], fail_fast: bool = False, workers: int = 4
-) -> list[Sample]:
+def check_images(samples: Sequence[Sample], fail_fast: bool = False, workers: int = 4) -> list[Sample]:
     """Decodes every image once; skips unusable ones with a warning each (or raises)."""
 
     def check(sample: Sample) -> str | None:
@@ -300,9 +292,7 @@ class EpochShuffler(Sampler):
         return self.size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = torch.randperm(
-            self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        )
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         return iter([(i, self.epoch) for i in order.tolist()])
 
 
@@ -345,6 +335,8 @@ class ImageDataModule(L.LightningDataModule):
         predict_paths: list[str] | None = None,
     ) -> None:
         super().__init__()
+        if (mixup > 0 or cutmix > 0) and batch_size % 2:
+            raise ValueError(f"mixup/cutmix pair images within a batch: batch_size must be even, got {batch_size}.")
         self.save_hyperparameters()
         self.root = Path(root)
         self._index: DatasetIndex | None = None
@@ -360,14 +352,8 @@ class ImageDataModule(L.LightningDataModule):
 
                 download_grocery_store(self.root)
             manifest = Path(self.hparams.manifest) if self.hparams.manifest else None
-            self._index = read_dataset(
-                self.root, self.hparams.layout, manifest, self.hparams.label_level
-            )
-            if (
-                "train" in self._index.splits
-                and "val" not in self._index.splits
-                and self.hparams.val_fraction > 0
-            ):
+            self._index = read_dataset(self.root, self.hparams.layout, manifest, self.hparams.label_level)
+            if "train" in self._index.splits and "val" not in self._index.splits and self.hparams.val_fraction > 0:
                 self._index.splits["train"], self._index.splits["val"] = _stratified_split(
                     self._index.splits["train"], self.hparams.val_fraction, self.hparams.seed
                 )
@@ -403,11 +389,7 @@ class ImageDataModule(L.LightningDataModule):
         )
         primary, secondary, final = (list(stage.transforms) for stage in stages)
         if trivial:  # torchvision's TrivialAugmentWide, where timm puts its auto-augment
-            mode = (
-                InterpolationMode.BICUBIC
-                if config["interpolation"] == "bicubic"
-                else InterpolationMode.BILINEAR
-            )
+            mode = InterpolationMode.BICUBIC if config["interpolation"] == "bicubic" else InterpolationMode.BILINEAR
             secondary.insert(0, TrivialAugmentWide(interpolation=mode))
         return Compose(primary + secondary + final)
 
@@ -421,9 +403,7 @@ class ImageDataModule(L.LightningDataModule):
         for split in wanted.get(stage, SPLITS):
             if split in self._datasets:
                 continue
-            samples = (
-                self._predict_samples() if split == "predict" else self.index.splits.get(split)
-            )
+            samples = self._predict_samples() if split == "predict" else self.index.splits.get(split)
             if not samples:
                 raise DatasetError(f"{self.root}: no {split} split in this dataset.")
             if self.hparams.check_images:
@@ -446,7 +426,7 @@ class ImageDataModule(L.LightningDataModule):
             dataset,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
             sampler=EpochShuffler(len(dataset), hp.seed) if train else None,
-            drop_last=train and len(dataset) > hp.batch_size,
+            drop_last=train and (len(dataset) > hp.batch_size or self.mixup_fn is not None),
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -464,6 +444,11 @@ class ImageDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
 
+    @property
+    def predict_samples(self) -> list[Sample]:
+        """The images predicted, in loader order (unusable ones already skipped)."""
+        return self._datasets["predict"].samples
+
     def _predict_samples(self) -> list[Sample]:
         """``predict_paths`` (files or folders, label -1), else the test split, else val."""
         if not self.hparams.predict_paths:
@@ -475,14 +460,16 @@ class ImageDataModule(L.LightningDataModule):
         if self.mixup_fn is None or self.trainer is None or not self.trainer.training:
             return batch
         images, targets = batch
-        seed = self.hparams.seed * 1_000_003 + self.trainer.global_step
-        np.random.seed(seed % 2**32)
+        np.random.seed((self.hparams.seed * 1_000_003 + batches_seen(self.trainer)) % 2**32)
         return self.mixup_fn(images, targets)
 
 
-def _stratified_split(
-    samples: list[Sample], fraction: float, seed: int
-) -> tuple[list[Sample], list[Sample]]:
+def batches_seen(trainer) -> int:
+    """Training batches so far, restored on resume and advancing on every accumulated micro-batch."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total.ready
+
+
+def _stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     rng = random.Random(seed)
     train, val = [], []
     by_class: dict[int, list[Sample]] = {}

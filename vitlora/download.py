@@ -8,9 +8,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-GROCERY_STORE_URL = (
-    "https://github.com/marcusklasson/GroceryStoreDataset/archive/refs/heads/master.zip"
-)
+GROCERY_STORE_URL = "https://github.com/marcusklasson/GroceryStoreDataset/archive/refs/heads/master.zip"
 
 
 def download_grocery_store(destination: str | Path, url: str = GROCERY_STORE_URL) -> Path:
@@ -27,9 +25,7 @@ def download_grocery_store(destination: str | Path, url: str = GROCERY_STORE_URL
             shutil.copyfileobj(response, out)
         try:
             with zipfile.ZipFile(archive) as zipped:
-                members = [
-                    m for m in zipped.namelist() if "/dataset/" in m or m.endswith("/LICENSE")
-                ]
+                members = [m for m in zipped.namelist() if "/dataset/" in m or m.endswith("/LICENSE")]
                 if not any(m.endswith("dataset/train.txt") for m in members):
                     raise ValueError(f"{url}: archive has no dataset/train.txt")
                 zipped.extractall(tmp, members)

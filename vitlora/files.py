@@ -29,9 +29,18 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _shareable_mode(target))  # mkstemp makes 0600; keep what a plain open() gives
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _shareable_mode(target: Path) -> int:
+    if target.exists():
+        return target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -59,14 +60,10 @@ class LoRAConfig:
         unknown = [t for t in self.targets if t not in VALID_TARGETS]
         if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
             raise ValueError(
-                f"Invalid LoRA targets {list(self.targets)}: choose one or more distinct of "
-                f"{list(VALID_TARGETS)}."
+                f"Invalid LoRA targets {list(self.targets)}: choose one or more distinct of {list(VALID_TARGETS)}."
             )
         if "qkv" in self.targets and set(self.targets) & {"q", "k", "v"}:
-            raise ValueError(
-                "LoRA target 'qkv' already covers q, k and v: use either 'qkv' or any of "
-                "'q', 'k', 'v'."
-            )
+            raise ValueError("LoRA target 'qkv' already covers q, k and v: use either 'qkv' or any of 'q', 'k', 'v'.")
 
     @property
     def scaling(self) -> float:
@@ -103,20 +100,15 @@ class LoRALinear(nn.Linear):
         self.bias = base.bias
         self.config = config
         self.parts = tuple(parts)
-        self.slices = tuple(slices or ((0, base.out_features),))
+        self.slices = tuple(sorted(slices or ((0, base.out_features),)))
+        if any(a[1] > b[0] for a, b in pairwise(self.slices)) or self.slices[-1][1] > self.out_features:
+            raise ValueError(f"LoRA slices {self.slices} overlap or exceed {self.out_features} outputs.")
         self.slice_widths = [stop - start for start, stop in self.slices]
         self.scaling = config.scaling
         rank, like = config.rank, {"dtype": base.weight.dtype, "device": base.weight.device}
         self.lora_A = nn.Parameter(torch.empty(len(self.slices) * rank, self.in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(sum(self.slice_widths), rank, **like))
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        rows = torch.cat([torch.arange(start, stop) for start, stop in self.slices])
-        covers_all = rows.numel() == self.out_features and bool(
-            (rows == torch.arange(self.out_features)).all()
-        )
-        self.register_buffer(
-            "lora_rows", None if covers_all else rows.to(base.weight.device), persistent=False
-        )
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -125,13 +117,20 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B)
 
     def expanded_lora_B(self) -> torch.Tensor:
-        """``out x n*r``: each slice's B on its own rows and its own rank columns, zeros elsewhere."""
-        blocks = torch.block_diag(*self.lora_B.split(self.slice_widths))
-        if self.lora_rows is None:
-            return blocks
-        return blocks.new_zeros(self.out_features, blocks.shape[1]).index_copy(
-            0, self.lora_rows, blocks
-        )
+        """``out x n*r``: each slice's B on its own rows and its own rank columns, zeros elsewhere.
+
+        Built from static slice bounds (no index buffer), so it survives meta-device init and
+        compiles to fixed shapes."""
+        blocks = torch.block_diag(*self.lora_B.split(self.slice_widths)).split(self.slice_widths)
+        pieces, row = [], 0
+        for (start, stop), block in zip(self.slices, blocks, strict=True):
+            if start > row:
+                pieces.append(block.new_zeros(start - row, block.shape[1]))
+            pieces.append(block)
+            row = stop
+        if row < self.out_features:
+            pieces.append(blocks[0].new_zeros(self.out_features - row, blocks[0].shape[1]))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.linear(x, self.weight, self.bias)
@@ -152,12 +151,11 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear with the update folded into its weight."""
-        linear = nn.Linear(
-            self.in_features, self.out_features, self.bias is not None, device="meta"
-        )
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
         merged = (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
         linear.weight = nn.Parameter(merged)
         linear.bias = self.bias
+        linear.train(self.training)
         return linear
 
     def extra_repr(self) -> str:
@@ -185,9 +183,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, verify: bool = True) ->
     silently ignore its update. On any error the model is left as it was.
     """
     if lora_modules(model):
-        raise ValueError(
-            "This model already has LoRA layers: merge_lora it or start from a fresh model."
-        )
+        raise ValueError("This model already has LoRA layers: merge_lora it or start from a fresh model.")
     sites = find_lora_sites(model, config.targets, config.blocks)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
@@ -213,9 +209,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, verify: bool = True) ->
 def remove_lora(model: nn.Module) -> nn.Module:
     """Drops every LoRA layer without merging, giving back the base projections unchanged."""
     for name, module in lora_modules(model):
-        linear = nn.Linear(
-            module.in_features, module.out_features, module.bias is not None, device="meta"
-        )
+        linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
         linear.weight, linear.bias = module.weight, module.bias
         model.set_submodule(name, linear)
     restore_fused_qkv_routing(model)
@@ -223,7 +217,8 @@ def remove_lora(model: nn.Module) -> nn.Module:
 
 
 def _wrap(site: LoRASite, config: LoRAConfig) -> LoRALinear:
-    return LoRALinear(site.linear, config, site.slices, site.parts)
+    layer = LoRALinear(site.linear, config, site.slices, site.parts)
+    return layer.train(site.linear.training)  # an eval model must not get active LoRA dropout
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -240,20 +235,20 @@ def merge_lora(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def check_lora_in_forward(model: nn.Module) -> None:
     """Raises if a forward pass does not call every LoRA layer (skipped when the input size is unknown)."""
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    proj = getattr(patch_embed, "proj", None)
-    if img_size is None or not isinstance(proj, nn.Conv2d) or proj.weight.device.type == "meta":
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)  # hybrid ViTs: the CNN's
+    if img_size is None or stem is None or stem.weight.device.type == "meta":
         return
     called: set[str] = set()
     names = {module: name for name, module in lora_modules(model)}
     handles = [m.register_forward_hook(lambda m, *_: called.add(names[m])) for m in names]
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        model(proj.weight.new_zeros(1, proj.in_channels, *img_size))
+        model(stem.weight.new_zeros(1, stem.in_channels, *img_size))
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
         for handle in handles:
             handle.remove()
     skipped = sorted(set(names.values()) - called)
@@ -288,9 +283,7 @@ class ParameterCount:
         width = max(len(f"{self.total:,}"), 11)
         lines = [f"{'group':<10} {'parameters':>{width}}"]
         lines += [f"{group:<10} {count:>{width},}" for group, count in self.by_group.items()]
-        lines.append(
-            f"{'trainable':<10} {self.trainable:>{width},}  ({100 * self.trainable_fraction:.3f}%)"
-        )
+        lines.append(f"{'trainable':<10} {self.trainable:>{width},}  ({100 * self.trainable_fraction:.3f}%)")
         lines.append(f"{'total':<10} {self.total:>{width},}")
         return "\n".join(lines)
 
@@ -310,6 +303,4 @@ def count_parameters(model: nn.Module) -> ParameterCount:
             group = "other"
         groups[group] += parameter.numel()
     total = sum(groups.values())
-    return ParameterCount(
-        total - groups["frozen"], total, {k: v for k, v in groups.items() if v or k != "other"}
-    )
+    return ParameterCount(total - groups["frozen"], total, {k: v for k, v in groups.items() if v or k != "other"})

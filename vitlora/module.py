@@ -22,7 +22,9 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from vitlora.adapter import base_fingerprint
 from vitlora.backbone import create_backbone
+from vitlora.data import batches_seen
 from vitlora.lora import LoRAConfig, inject_lora
 from vitlora.targets import classifier_names
 
@@ -62,12 +64,8 @@ class ImageClassifier(L.LightningModule):
             if len(class_names) != num_classes:
                 raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}.")
         if not num_classes:
-            raise ValueError(
-                "num_classes (or class_names) is required; the CLI takes them from the data."
-            )
-        if isinstance(
-            lora, dict
-        ):  # as stored in checkpoints: plain data, loadable with weights_only
+            raise ValueError("num_classes (or class_names) is required; the CLI takes them from the data.")
+        if isinstance(lora, dict):  # as stored in checkpoints: plain data, loadable with weights_only
             lora = LoRAConfig(**lora)
         self.save_hyperparameters(ignore=["lora"])
         self.hparams["lora"] = asdict(lora)
@@ -76,9 +74,7 @@ class ImageClassifier(L.LightningModule):
             kwargs["img_size"] = img_size
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
-        self.model = create_backbone(
-            backbone, num_classes, weights=weights, pretrained=pretrained, **kwargs
-        )
+        self.model = create_backbone(backbone, num_classes, weights=weights, pretrained=pretrained, **kwargs)
         if method == "lora":
             inject_lora(self.model, lora)
         elif method == "linear":
@@ -104,8 +100,8 @@ class ImageClassifier(L.LightningModule):
     # --- training -------------------------------------------------------------------------
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        """Every step's randomness (dropout, drop-path) is a function of (seed, step): resumes are exact."""
-        torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        """Each batch's randomness (dropout, drop-path) is a function of (seed, batch): resumes are exact."""
+        torch.manual_seed(self.hparams.seed * 1_000_003 + batches_seen(self.trainer))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
@@ -115,9 +111,7 @@ class ImageClassifier(L.LightningModule):
             soft = targets * (1 - smoothing) + smoothing / targets.shape[1]
             loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         else:
-            loss = F.cross_entropy(
-                logits.float(), targets, label_smoothing=self.hparams.label_smoothing
-            )
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -146,13 +140,9 @@ class ImageClassifier(L.LightningModule):
         from vitlora.report import write_test_report
 
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        per_class, confusion = self.test_per_class.compute(), self.test_confusion.compute()  # syncs: every rank
         if self.trainer.is_global_zero:
-            write_test_report(
-                folder,
-                self.class_names,
-                self.test_per_class.compute().cpu(),
-                self.test_confusion.compute().cpu(),
-            )
+            write_test_report(folder, self.class_names, per_class.cpu(), confusion.cpu())
         self.test_per_class.reset()
         self.test_confusion.reset()
 
@@ -182,8 +172,11 @@ class ImageClassifier(L.LightningModule):
         ]
         optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        epochs = max(self.trainer.max_epochs or 1, 1)
-        warmup = min(round(hp.warmup_epochs * total / epochs), total - 1)
+        if self.trainer.train_dataloader is None:  # not loaded when only max_steps bounds training
+            self.trainer.fit_loop.setup_data()
+        batches = self.trainer.num_training_batches
+        steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches) if math.isfinite(batches) else total
+        warmup = min(round(hp.warmup_epochs * steps_per_epoch), total - 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)
         )
@@ -196,23 +189,35 @@ class ImageClassifier(L.LightningModule):
         """A random (not pretrained) base has no source to rebuild from, so it must be saved."""
         return bool(self.hparams.weights or self.hparams.pretrained)
 
+    @property
+    def trainable_only_checkpoints(self) -> bool:
+        return self.hparams.method != "full" and self.base_is_rebuildable
+
+    def frozen_base_fingerprint(self) -> str:
+        if getattr(self, "_base_fingerprint", None) is None:  # the base is frozen: hash it once
+            self._base_fingerprint = base_fingerprint(self.model)
+        return self._base_fingerprint
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-        if self.hparams.method != "full" and self.base_is_rebuildable:
-            checkpoint["state_dict"] = {
-                k: v for k, v in checkpoint["state_dict"].items() if k in trainable
-            }
-        checkpoint["vitlora"] = {"trainable_parameters": len(trainable)}
+        if self.trainable_only_checkpoints:
+            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+            checkpoint["vitlora"] = {"base_fingerprint": self.frozen_base_fingerprint()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Fills the frozen base (rebuilt from its source in __init__) into a trainable-only checkpoint."""
+        """Fills the frozen base (rebuilt from its source in __init__) into a trainable-only
+        checkpoint, after checking that it is the base the checkpoint was trained on."""
         state = checkpoint["state_dict"]
+        expected_base = checkpoint.get("vitlora", {}).get("base_fingerprint")
+        if expected_base and expected_base != self.frozen_base_fingerprint():
+            raise ValueError(
+                f"The base weights rebuilt from {self.hparams.weights or self.hparams.backbone!r} differ from "
+                "those this checkpoint was trained on; pass the original file with --model.weights."
+            )
         expected = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         missing = sorted(expected - state.keys())
         if missing:
-            raise ValueError(
-                f"Checkpoint lacks trainable tensors {missing[:5]}: was it saved by another method?"
-            )
+            raise ValueError(f"Checkpoint lacks trainable tensors {missing[:5]}: was it saved by another method?")
         for key, tensor in self.state_dict().items():
             state.setdefault(key, tensor)
 

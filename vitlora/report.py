@@ -11,9 +11,7 @@ from PIL import Image, ImageDraw
 from vitlora.files import atomic_write
 
 
-def write_test_report(
-    folder: Path, class_names: list[str], per_class: torch.Tensor, confusion: torch.Tensor
-) -> None:
+def write_test_report(folder: Path, class_names: list[str], per_class: torch.Tensor, confusion: torch.Tensor) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     support = confusion.sum(dim=1)
     with (
@@ -22,9 +20,7 @@ def write_test_report(
     ):
         writer = csv.writer(handle)
         writer.writerow(["class", "accuracy", "support"])
-        for name, accuracy, count in zip(
-            class_names, per_class.tolist(), support.tolist(), strict=True
-        ):
+        for name, accuracy, count in zip(class_names, per_class.tolist(), support.tolist(), strict=True):
             writer.writerow([name, f"{accuracy:.4f}" if count else "", int(count)])
     with atomic_write(folder / "confusion_matrix.png") as tmp:
         confusion_image(confusion, class_names).save(tmp, format="PNG")

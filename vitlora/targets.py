@@ -40,10 +40,7 @@ class LoRASite:
 def transformer_blocks(model: nn.Module) -> Sequence[nn.Module]:
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
-        raise ValueError(
-            f"{type(model).__name__} has no supported transformer blocks: looked for "
-            f"{_SUPPORTED_LAYOUT}."
-        )
+        raise ValueError(f"{type(model).__name__} has no supported transformer blocks: looked for {_SUPPORTED_LAYOUT}.")
     return blocks
 
 
@@ -62,9 +59,7 @@ def resolve_block_indices(blocks: Iterable[int] | None, depth: int) -> list[int]
     return sorted(resolved)
 
 
-def find_lora_sites(
-    model: nn.Module, targets: Sequence[str], blocks: Iterable[int] | None = None
-) -> list[LoRASite]:
+def find_lora_sites(model: nn.Module, targets: Sequence[str], blocks: Iterable[int] | None = None) -> list[LoRASite]:
     """Lists every nn.Linear that LoRA will wrap; raises before anything is changed."""
     all_blocks = transformer_blocks(model)
     sites: list[LoRASite] = []
@@ -89,14 +84,11 @@ def _block_sites(block: nn.Module, prefix: str, targets: Sequence[str]) -> list[
         separate = {t: getattr(attn, f"{t}_proj", None) for t in PROJECTIONS}
         if not all(isinstance(layer, nn.Linear) for layer in separate.values()):
             raise ValueError(
-                f"{prefix}.attn ({type(attn).__name__}) is not a supported attention: "
-                f"looked for {_SUPPORTED_LAYOUT}."
+                f"{prefix}.attn ({type(attn).__name__}) is not a supported attention: looked for {_SUPPORTED_LAYOUT}."
             )
         sites.extend(_whole(f"{prefix}.attn.{t}_proj", separate[t], (t,)) for t in qkv_targets)
     if "proj" in targets:
-        sites.append(
-            _whole(f"{prefix}.attn.proj", _linear(attn, "proj", prefix + ".attn"), ("proj",))
-        )
+        sites.append(_whole(f"{prefix}.attn.proj", _linear(attn, "proj", prefix + ".attn"), ("proj",)))
     mlp = getattr(block, "mlp", None)
     if "fc1" in targets:
         if mlp is not None and isinstance(getattr(mlp, "fc1_g", None), nn.Linear):
@@ -104,9 +96,7 @@ def _block_sites(block: nn.Module, prefix: str, targets: Sequence[str]) -> list[
                 layer = _linear(mlp, name, prefix + ".mlp")
                 sites.append(_whole(f"{prefix}.mlp.{name}", layer, ("fc1",)))
         else:
-            sites.append(
-                _whole(f"{prefix}.mlp.fc1", _linear(mlp, "fc1", prefix + ".mlp"), ("fc1",))
-            )
+            sites.append(_whole(f"{prefix}.mlp.fc1", _linear(mlp, "fc1", prefix + ".mlp"), ("fc1",)))
     if "fc2" in targets:
         sites.append(_whole(f"{prefix}.mlp.fc2", _linear(mlp, "fc2", prefix + ".mlp"), ("fc2",)))
     return sites
@@ -115,9 +105,7 @@ def _block_sites(block: nn.Module, prefix: str, targets: Sequence[str]) -> list[
 def _linear(parent: nn.Module | None, name: str, parent_path: str) -> nn.Linear:
     layer = getattr(parent, name, None)
     if not isinstance(layer, nn.Linear):
-        raise ValueError(
-            f"{parent_path}.{name} is not an nn.Linear (found {type(layer).__name__})."
-        )
+        raise ValueError(f"{parent_path}.{name} is not an nn.Linear (found {type(layer).__name__}).")
     return layer
 
 
@@ -129,17 +117,13 @@ def _fused_parts(path: str, linear: nn.Linear, parts: Sequence[str]) -> LoRASite
     if linear.out_features % 3:
         raise ValueError(f"{path} has {linear.out_features} outputs, not three equal q/k/v parts.")
     width = linear.out_features // 3
-    slices = tuple(
-        (PROJECTIONS.index(p) * width, (PROJECTIONS.index(p) + 1) * width) for p in parts
-    )
+    slices = tuple((PROJECTIONS.index(p) * width, (PROJECTIONS.index(p) + 1) * width) for p in parts)
     return LoRASite(path, linear, tuple(parts), slices)
 
 
 def classifier_names(model: nn.Module) -> tuple[str, ...]:
     """The classifier heads an adapter trains and ships (DeiT-distilled has two)."""
-    return tuple(
-        name for name in CLASSIFIER_NAMES if isinstance(getattr(model, name, None), nn.Module)
-    )
+    return tuple(name for name in CLASSIFIER_NAMES if isinstance(getattr(model, name, None), nn.Module))
 
 
 def route_fused_qkv_through_module(model: nn.Module) -> None:
@@ -151,10 +135,7 @@ def route_fused_qkv_through_module(model: nn.Module) -> None:
     :func:`restore_fused_qkv_routing` can undo exactly this change.
     """
     for module in model.modules():
-        if (
-            getattr(module, "qkv_bias_separate", True) is False
-            and getattr(module, "q_bias", None) is not None
-        ):
+        if getattr(module, "qkv_bias_separate", True) is False and getattr(module, "q_bias", None) is not None:
             module.qkv_bias_separate = True
             module._vitlora_rerouted = True
 
