@@ -276,9 +276,11 @@ def test_remove_lora_gives_back_the_base_model():
     expected = model(x)
     inject_lora(model, LoRAConfig(targets=ALL_TARGETS))
     randomize_lora(model)
+    model.eval()
     remove_lora(model)
     assert torch.equal(model(x), expected)
-    assert not lora_modules(model)
+    assert not lora_modules(model) and not any(m.training for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
 
 
 # --- precision and compilation --------------------------------------------------------------

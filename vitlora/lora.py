@@ -149,11 +149,13 @@ class LoRALinear(nn.Linear):
         return self.scaling * (self.expanded_lora_B().float() @ self.lora_A.float())
 
     @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear with the update folded into its weight."""
+    def to_linear(self, merge: bool = True) -> nn.Linear:
+        """A plain nn.Linear with the update folded into its weight, or the base alone (``merge=False``)."""
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
-        merged = (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
-        linear.weight = nn.Parameter(merged)
+        if merge:
+            linear.weight = nn.Parameter((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        else:
+            linear.weight = self.weight
         linear.bias = self.bias
         linear.train(self.training)
         return linear
@@ -207,13 +209,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, verify: bool = True) ->
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Drops every LoRA layer without merging, giving back the base projections unchanged."""
-    for name, module in lora_modules(model):
-        linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
-        linear.weight, linear.bias = module.weight, module.bias
-        model.set_submodule(name, linear)
-    restore_fused_qkv_routing(model)
-    return model
+    """Drops every LoRA layer without merging: the base model back, all trainable as timm makes it."""
+    return _replace_lora_layers(model, merge=False)
 
 
 def _wrap(site: LoRASite, config: LoRAConfig) -> LoRALinear:
@@ -225,8 +222,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Folds every update into its base weight, leaving a plain timm model, all trainable."""
     if not lora_modules(model):
         raise ValueError(f"{type(model).__name__} has no LoRA layers to merge.")
+    return _replace_lora_layers(model, merge=True)
+
+
+def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
     for name, module in lora_modules(model):
-        model.set_submodule(name, module.to_linear())
+        model.set_submodule(name, module.to_linear(merge))
     restore_fused_qkv_routing(model)
     model.requires_grad_(True)
     return model
