@@ -46,11 +46,12 @@ def trainer_defaults() -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        {"export": export_command, "classify": classify_command}[argv[0]](argv[1:])
+    """``argv`` for calls from Python (tests); the console script reads the command line."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] in EXTRA_COMMANDS:
+        {"export": export_command, "classify": classify_command}[words[0]](words[1:])
         return
-    if argv[:1] in (["-h"], ["--help"]):
+    if words[:1] in (["-h"], ["--help"]):
         print("Extra commands: vitlora export --help, vitlora classify --help\n")
     VitloraCLI(
         ImageClassifier,

@@ -25,7 +25,7 @@ from torchmetrics.classification import (
 from vitlora.adapter import base_fingerprint
 from vitlora.backbone import create_backbone
 from vitlora.data import batches_seen
-from vitlora.lora import LoRAConfig, inject_lora
+from vitlora.lora import LoRAConfig, count_parameters, inject_lora
 from vitlora.targets import classifier_names
 
 Method = Literal["lora", "full", "linear"]
@@ -96,6 +96,10 @@ class ImageClassifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"{self.hparams.method} on {self.hparams.backbone}:\n{count_parameters(self.model)}")
 
     # --- training -------------------------------------------------------------------------
 
