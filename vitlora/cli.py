@@ -84,7 +84,12 @@ def export_adapter(ckpt_path: Path, output: Path, weights: str | None = None) ->
     if not Path(ckpt_path).is_file():
         raise SystemExit(f"{ckpt_path}: no such checkpoint.")
     overrides = {"weights": weights} if weights else {}
-    module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
+    try:
+        module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
+    except FileNotFoundError as error:
+        raise SystemExit(
+            f"{error} The checkpoint rebuilds its frozen base from it: pass --weights BASE_FILE."
+        ) from error
     hp = module.hparams
     if hp.method != "lora":
         raise SystemExit(f"{ckpt_path}: a {hp.method!r} run has no LoRA adapter to export.")

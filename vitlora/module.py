@@ -67,6 +67,8 @@ class ImageClassifier(L.LightningModule):
             raise ValueError("num_classes (or class_names) is required; the CLI takes them from the data.")
         if isinstance(lora, dict):  # as stored in checkpoints: plain data, loadable with weights_only
             lora = LoRAConfig(**lora)
+        if weights:  # checkpoints rebuild the base from here: keep it valid from any working directory
+            weights = str(Path(weights).resolve())
         self.save_hyperparameters(ignore=["lora"])
         self.hparams["lora"] = asdict(lora)
         kwargs = dict(model_kwargs or {})
