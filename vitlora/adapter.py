@@ -74,15 +74,16 @@ def base_fingerprint(model: nn.Module) -> str:
     match, while any real change of the base (another checkpoint, size or resolution) does not.
     """
     model = getattr(model, "_orig_mod", model)
-    heads = tuple(f"{name}." for name in classifier_names(model))
-    if any(t.dtype == torch.float16 for t in model.state_dict().values()):
+    state = model.state_dict()
+    if any(t.dtype == torch.float16 for t in state.values()):
         raise ValueError(
             "Cannot fingerprint float16 weights (fp16 -> bf16 double rounding changes them): "
             "load the base in float32 or bfloat16, load the adapter, then call .half()."
         )
+    adapter_keys = adapter_state_dict(model).keys()  # the base is everything an adapter does not ship
     digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        if key.startswith(heads) or "lora_" in key.rsplit(".", 1)[-1]:
+    for key, tensor in sorted(state.items()):
+        if key in adapter_keys:
             continue
         tensor = tensor.detach()
         if tensor.is_floating_point():

@@ -122,7 +122,7 @@ def read_folders(root: Path) -> DatasetIndex:
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             if class_dir.name not in index:
                 raise DatasetError(f"{class_dir}: class {class_dir.name!r} is not among the train classes.")
-            files = sorted(f for f in class_dir.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            files = expand_image_paths([class_dir])
             if not files:
                 raise DatasetError(f"{class_dir}: empty class folder (no images).")
             samples += [(f, index[class_dir.name]) for f in files]

@@ -22,6 +22,7 @@ from vitlora.targets import (
     VALID_TARGETS,
     LoRASite,
     classifier_names,
+    classifier_prefixes,
     find_lora_sites,
     restore_fused_qkv_routing,
     route_fused_qkv_through_module,
@@ -260,13 +261,15 @@ def check_lora_in_forward(model: nn.Module) -> None:
         )
 
 
+def is_lora_name(name: str) -> bool:
+    return "lora_" in name.rsplit(".", 1)[-1]
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything an adapter ships: the LoRA tensors and the classifier head(s), by state-dict key."""
-    heads = tuple(f"{name}." for name in classifier_names(model))
+    heads = classifier_prefixes(model)
     return {
-        key: tensor.detach()
-        for key, tensor in model.state_dict().items()
-        if "lora_" in key.rsplit(".", 1)[-1] or key.startswith(heads)
+        key: tensor.detach() for key, tensor in model.state_dict().items() if is_lora_name(key) or key.startswith(heads)
     }
 
 
@@ -291,12 +294,12 @@ class ParameterCount:
 
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Trainable vs total parameters, split into lora / head / frozen / other-trainable groups."""
-    heads = tuple(f"{name}." for name in classifier_names(model))
+    heads = classifier_prefixes(model)
     groups = {"lora": 0, "head": 0, "other": 0, "frozen": 0}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             group = "frozen"
-        elif "lora_" in name.rsplit(".", 1)[-1]:
+        elif is_lora_name(name):
             group = "lora"
         elif name.startswith(heads):
             group = "head"

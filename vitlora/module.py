@@ -26,7 +26,7 @@ from vitlora.adapter import base_fingerprint
 from vitlora.backbone import create_backbone
 from vitlora.data import batches_seen
 from vitlora.lora import LoRAConfig, count_parameters, inject_lora
-from vitlora.targets import classifier_names
+from vitlora.targets import classifier_names, classifier_prefixes
 
 Method = Literal["lora", "full", "linear"]
 
@@ -161,7 +161,7 @@ class ImageClassifier(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         no_decay_names = set(getattr(self.model, "no_weight_decay", lambda: set())())
-        heads = tuple(f"{name}." for name in classifier_names(self.model))
+        heads = classifier_prefixes(self.model)
         groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
         for name, parameter in self.model.named_parameters():
             if not parameter.requires_grad:
@@ -204,9 +204,12 @@ class ImageClassifier(L.LightningModule):
             self._base_fingerprint = base_fingerprint(self.model)
         return self._base_fingerprint
 
+    def trainable_state_keys(self) -> set[str]:
+        return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.trainable_only_checkpoints:
-            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            trainable = self.trainable_state_keys()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
             checkpoint["vitlora"] = {"base_fingerprint": self.frozen_base_fingerprint()}
 
@@ -220,8 +223,7 @@ class ImageClassifier(L.LightningModule):
                 f"The base weights rebuilt from {self.hparams.weights or self.hparams.backbone!r} differ from "
                 "those this checkpoint was trained on; pass the original file with --model.weights."
             )
-        expected = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-        missing = sorted(expected - state.keys())
+        missing = sorted(self.trainable_state_keys() - state.keys())
         if missing:
             raise ValueError(f"Checkpoint lacks trainable tensors {missing[:5]}: was it saved by another method?")
         for key, tensor in self.state_dict().items():

@@ -126,6 +126,11 @@ def classifier_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(name for name in CLASSIFIER_NAMES if isinstance(getattr(model, name, None), nn.Module))
 
 
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict key prefixes of the classifier heads (``"head."``, ``"head_dist."``)."""
+    return tuple(f"{name}." for name in classifier_names(model))
+
+
 def route_fused_qkv_through_module(model: nn.Module) -> None:
     """Makes attention call its ``qkv`` module instead of reading ``qkv.weight`` directly.
 
