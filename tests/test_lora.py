@@ -30,6 +30,7 @@ def module_types(model):
         ({"targets": ()}, "choose one or more"),
         ({"targets": ("q", "q")}, "distinct"),
         ({"targets": ("qkv", "v")}, "either 'qkv'"),
+        ({"use_dora": "yes"}, "use_dora must be true or false"),
     ],
 )
 def test_invalid_config_values_are_rejected_with_the_valid_ones(kwargs, message):
@@ -40,11 +41,16 @@ def test_invalid_config_values_are_rejected_with_the_valid_ones(kwargs, message)
 def test_config_round_trips_through_json_and_has_the_documented_defaults():
     config = LoRAConfig()
     assert (config.rank, config.alpha, config.dropout, config.targets) == (8, 16.0, 0.0, ("q", "v"))
-    assert config.blocks is None and config.use_rslora is False
-    custom = LoRAConfig(rank=4, alpha=8, targets=["qkv", "fc2"], blocks=[0, -1], use_rslora=True)
+    assert config.blocks is None and config.use_rslora is False and config.use_dora is False
+    custom = LoRAConfig(rank=4, alpha=8, targets=["qkv", "fc2"], blocks=[0, -1], use_rslora=True, use_dora=True)
     assert LoRAConfig.from_json(custom.to_json()) == custom
     assert custom.scaling == pytest.approx(8 / math.sqrt(4))
     assert LoRAConfig(rank=4, alpha=8).scaling == 2.0
+
+
+def test_config_json_written_before_dora_reads_as_plain_lora():
+    old = '{"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q", "v"], "blocks": null, "use_rslora": false}'
+    assert LoRAConfig.from_json(old) == LoRAConfig(rank=4, alpha=8.0, use_dora=False)
 
 
 def test_out_of_range_blocks_name_the_valid_range():
@@ -121,23 +127,151 @@ def test_dropout_acts_on_the_lora_path_only():
     torch.testing.assert_close(layer(x), x @ (base.weight + layer.delta_weight()).T + base.bias)
 
 
+# --- DoRA -------------------------------------------------------------------------------
+
+
+def dora_layer(dtype=torch.float64, slices=((0, 16), (32, 48)), **config):
+    """A fused q/k/v-like layer (48 = 3 x 16) with DoRA on q and v, B and magnitudes moved."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 48).to(dtype)
+    layer = LoRALinear(base, LoRAConfig(rank=3, alpha=5, use_dora=True, **config), slices=slices)
+    randomize_lora(layer)
+    return layer
+
+
+def papers_dora_weight(layer, detach_norm=True):
+    """``m * (W + dW) / ||W + dW||`` row by row on each slice, ``W`` elsewhere, written out from A, B and m."""
+    weight = layer.weight.clone()
+    parts = zip(
+        layer.slices,
+        layer.lora_B.split(layer.slice_widths),
+        layer.lora_A.split(layer.config.rank),
+        layer.lora_magnitude.split(layer.slice_widths),
+        strict=True,
+    )
+    for (start, stop), b, a, magnitude in parts:
+        direction = layer.weight[start:stop] + layer.scaling * b @ a
+        norm = direction.norm(dim=1, keepdim=True)
+        weight[start:stop] = magnitude[:, None] * direction / (norm.detach() if detach_norm else norm)
+    return weight
+
+
+def test_dora_magnitude_starts_at_the_row_norms_of_the_updated_rows_only():
+    layer = LoRALinear(nn.Linear(32, 96), LoRAConfig(use_dora=True), slices=[(0, 32), (64, 96)], parts=("q", "v"))
+    expected = torch.cat([layer.weight[:32].norm(dim=1), layer.weight[64:].norm(dim=1)])
+    torch.testing.assert_close(layer.lora_magnitude, expected, atol=0, rtol=0)
+    assert "lora_magnitude" in dict(layer.named_parameters()) and "dora" in repr(layer)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_dora_forward_and_merge_are_the_papers_formula_with_untouched_rows_exact(use_rslora):
+    layer = dora_layer(use_rslora=use_rslora).eval()
+    x = torch.randn(5, 7, 16, dtype=torch.float64)
+    expected = nn.functional.linear(x, papers_dora_weight(layer), layer.bias)
+    plain = nn.functional.linear(x, layer.weight, layer.bias)
+    out = layer(x)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    assert (out[..., :16] - plain[..., :16]).abs().min() > 1e-6  # q and v really change
+    assert torch.equal(out[..., 16:32], plain[..., 16:32])  # k: bit for bit the base
+    merged = layer.to_linear(merge=True)
+    torch.testing.assert_close(merged(x), out, atol=1e-12, rtol=0)
+    assert torch.equal(merged.weight[16:32], layer.weight[16:32]) and merged.bias is layer.bias
+
+
+def test_dora_gradients_treat_the_norm_as_a_constant():
+    """DoRA section 4.3, as HF PEFT does: ||W + dW|| gets no gradient, which changes A's and B's."""
+    layer = dora_layer()
+    x = torch.randn(6, 16, dtype=torch.float64)
+    trainable = (layer.lora_A, layer.lora_B, layer.lora_magnitude)
+    layer(x).square().sum().backward()
+    ours = [p.grad for p in trainable]
+    for detach_norm in (True, False):
+        loss = nn.functional.linear(x, papers_dora_weight(layer, detach_norm), layer.bias).square().sum()
+        reference = torch.autograd.grad(loss, trainable)
+        for name, got, want in zip(("A", "B", "magnitude"), ours, reference, strict=True):
+            if detach_norm:
+                torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, msg=name)
+            elif name != "magnitude":  # the norm does not depend on m
+                assert not torch.allclose(got, want, atol=1e-6), name
+
+
+def test_dora_dropout_acts_on_the_low_rank_path_only():
+    layer = dora_layer(torch.float32, dropout=0.5, slices=None)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        layer.lora_B.zero_()
+        layer.lora_magnitude.copy_(layer.weight.norm(dim=1))
+    layer.train()
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    randomize_lora(layer)
+    torch.manual_seed(3)
+    out = layer(x)
+    torch.manual_seed(3)
+    dropped = nn.functional.dropout(x, 0.5, training=True)  # the same mask
+    scale = layer.lora_magnitude / (layer.weight + layer.delta_weight()).norm(dim=1)
+    expected = scale * (x @ layer.weight.T + dropped @ layer.delta_weight().T) + layer.bias
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    layer.eval()
+    torch.testing.assert_close(layer(x), x @ papers_dora_weight(layer).T + layer.bias, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_dora_matches_hf_peft_outputs_and_gradients(use_rslora):
+    """Whole-layer targets map one to one onto PEFT's ``lora_A``/``lora_B``/``lora_magnitude_vector``."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    ours = tiny_model().double()
+    theirs = copy.deepcopy(ours)
+    config = LoRAConfig(rank=4, alpha=8, targets=("qkv", "proj", "fc1", "fc2"), use_dora=True, use_rslora=use_rslora)
+    inject_lora(ours, config)
+    paths = [name for name, _ in lora_modules(ours)]
+    peft_config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, use_rslora=use_rslora, target_modules=paths)
+    peft.inject_adapter_in_model(peft_config, theirs)
+    peft_layers = {path: theirs.get_submodule(path) for path in paths}
+    for path, layer in lora_modules(ours):  # the same starting magnitude ||W||
+        torch.testing.assert_close(layer.lora_magnitude, peft_layers[path].lora_magnitude_vector["default"].weight)
+    randomize_lora(ours)
+    with torch.no_grad():
+        for path, layer in lora_modules(ours):
+            peft_layers[path].lora_A["default"].weight.copy_(layer.lora_A)
+            peft_layers[path].lora_B["default"].weight.copy_(layer.lora_B)
+            peft_layers[path].lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude)
+    x = images().double()
+    out, peft_out = ours(x), theirs(x)
+    assert (out - tiny_model().double()(x)).abs().max() > 1e-2
+    torch.testing.assert_close(out, peft_out, atol=1e-12, rtol=0)
+    out.square().sum().backward()
+    peft_out.square().sum().backward()
+    for path, layer in lora_modules(ours):
+        peft_layer = peft_layers[path]
+        for got, want in [
+            (layer.lora_A, peft_layer.lora_A["default"].weight),
+            (layer.lora_B, peft_layer.lora_B["default"].weight),
+            (layer.lora_magnitude, peft_layer.lora_magnitude_vector["default"].weight),
+        ]:
+            torch.testing.assert_close(got.grad, want.grad, atol=1e-10, rtol=1e-10)
+
+
 # --- injection over the model matrix --------------------------------------------------
 
 
-def test_zero_init_leaves_outputs_unchanged(model_name):
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_zero_init_leaves_outputs_unchanged(model_name, use_dora):
     model = tiny_model(model_name)
     x = images()
     expected = model(x)
-    inject_lora(model, LoRAConfig(targets=ALL_TARGETS))
+    inject_lora(model, LoRAConfig(targets=ALL_TARGETS, use_dora=use_dora))
     assert torch.equal(model(x), expected)
 
 
-def test_lora_takes_effect_in_every_family(model_name):
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_takes_effect_in_every_family(model_name, use_dora):
     """The worst bug is a LoRA that silently does nothing (PEFT on EVA-02's fused qkv)."""
     model = tiny_model(model_name)
     x = images()
     expected = model(x)
-    inject_lora(model, LoRAConfig(targets=("q", "v")))
+    inject_lora(model, LoRAConfig(targets=("q", "v"), use_dora=use_dora))
     randomize_lora(model)
     assert (model(x) - expected).abs().max() > 1e-3
     for name, layer in lora_modules(model):  # each wrapper, called alone, returns its update
@@ -169,10 +303,11 @@ def test_an_attention_that_bypasses_its_module_is_refused_and_the_model_restored
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_only_lora_and_heads_are_trainable_and_counts_match_the_formula(model_name):
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_only_lora_and_heads_are_trainable_and_counts_match_the_formula(model_name, use_dora):
     model = tiny_model(model_name)
     rank = 4
-    inject_lora(model, LoRAConfig(rank=rank, targets=ALL_TARGETS))
+    inject_lora(model, LoRAConfig(rank=rank, targets=ALL_TARGETS, use_dora=use_dora))
     heads = ("head.", "head_dist.")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters() if "lora_" in n or n.startswith(heads)}
@@ -192,7 +327,7 @@ def test_only_lora_and_heads_are_trainable_and_counts_match_the_formula(model_na
         )
         fc1 = [mlp.fc1] if hasattr(mlp, "fc1") else [mlp.fc1_g, mlp.fc1_x]
         projections += [(m.in_features, m.out_features) for m in (attn.proj, *fc1, mlp.fc2)]
-        expected_lora += sum(rank * (i + o) for i, o in projections)
+        expected_lora += sum(rank * (i + o) + (o if use_dora else 0) for i, o in projections)  # DoRA: m per row
     head_count = sum(p.numel() for n, p in model.named_parameters() if n.startswith(heads))
     count = count_parameters(model)
     assert count.by_group["lora"] == expected_lora
@@ -255,10 +390,11 @@ def test_injecting_twice_is_refused():
 # --- merging ----------------------------------------------------------------------------
 
 
-def test_merge_equals_unmerged_and_is_a_plain_timm_model(model_name):
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_equals_unmerged_and_is_a_plain_timm_model(model_name, use_dora):
     model = tiny_model(model_name)
     fresh = tiny_model(model_name)
-    inject_lora(model, LoRAConfig(rank=4, targets=ALL_TARGETS))
+    inject_lora(model, LoRAConfig(rank=4, targets=ALL_TARGETS, use_dora=use_dora))
     randomize_lora(model)
     x = images(batch=3)
     unmerged = model(x)
@@ -286,10 +422,11 @@ def test_remove_lora_gives_back_the_base_model():
 # --- precision and compilation --------------------------------------------------------------
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_forward_and_backward(dtype):
+def test_autocast_forward_and_backward(dtype, use_dora):
     model = tiny_model(num_classes=3)
-    inject_lora(model, LoRAConfig(targets=("q", "v", "fc1")))
+    inject_lora(model, LoRAConfig(targets=("q", "v", "fc1"), use_dora=use_dora))
     randomize_lora(model)
     x = images()
     reference = model(x)
@@ -302,9 +439,10 @@ def test_autocast_forward_and_backward(dtype):
     assert grads and all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
 
 
-def test_torch_compile_matches_eager_on_an_injected_model():
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_torch_compile_matches_eager_on_an_injected_model(use_dora):
     model = tiny_model().train()
-    inject_lora(model, LoRAConfig(targets=("q", "v")))
+    inject_lora(model, LoRAConfig(targets=("q", "v"), use_dora=use_dora))
     randomize_lora(model)
     x = images()
     eager = model(x)

@@ -3,7 +3,8 @@
 ``W x + (alpha / r) * B A x`` with the pretrained ``W`` frozen. A fused ``qkv`` projection
 updating only some of q/k/v keeps one wrapper with one ``A`` for all chosen parts and an
 independent rank-r ``B`` per part (the pattern of loralib's MergedLinear and LitGPT's
-LoRAQKVLinear). This module knows nothing of files or training loops.
+LoRAQKVLinear). DoRA (``use_dora``) adds a learned magnitude per updated output row. This
+module knows nothing of files or training loops.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class LoRAConfig:
     ``targets``: any of ``q k v`` (one update per projection, fused or not), ``qkv`` (the
     fused projection as a single update, as PEFT does; on separate projections it means
     q, k and v), ``proj``, ``fc1`` (both SwiGLU inputs), ``fc2``. ``blocks``: None for all,
-    or block indices, negative ones counting from the end.
+    or block indices, negative ones counting from the end. ``use_dora``: weight-decomposed
+    LoRA (Liu et al. 2024), see :class:`LoRALinear`.
     """
 
     rank: int = 8
@@ -45,6 +47,7 @@ class LoRAConfig:
     targets: Sequence[str] = ("q", "v")
     blocks: Sequence[int] | None = None
     use_rslora: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -65,6 +68,8 @@ class LoRAConfig:
             )
         if "qkv" in self.targets and set(self.targets) & {"q", "k", "v"}:
             raise ValueError("LoRA target 'qkv' already covers q, k and v: use either 'qkv' or any of 'q', 'k', 'v'.")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be true or false, got {self.use_dora!r}.")
 
     @property
     def scaling(self) -> float:
@@ -87,6 +92,13 @@ class LoRALinear(nn.Linear):
     ``lora_B`` stacks their ``B`` blocks (``sum(slice widths) x r``). The forward pass never
     builds a dense delta-W: it adds ``scaling * (A x) @ B_expanded^T`` in one fused addmm,
     where ``B_expanded`` is the block-diagonal ``B`` placed on the chosen output rows.
+
+    With ``use_dora`` each updated row becomes ``m * (W + dW) / ||W + dW||``: LoRA then
+    learns the direction and ``lora_magnitude`` (initialised to ``||W||``, so the model starts
+    as the base) the length of each row, which DoRA found closer to full fine-tuning. As in
+    the paper (section 4.3) and HF PEFT, the norm is a constant for autograd, so it needs only
+    the dense chosen rows of ``W + dW`` and no graph; the output is the LoRA one rescaled per
+    row, bias excluded. Rows without an update keep scale 1, so they stay exact.
     """
 
     def __init__(
@@ -109,52 +121,97 @@ class LoRALinear(nn.Linear):
         rank, like = config.rank, {"dtype": base.weight.dtype, "device": base.weight.device}
         self.lora_A = nn.Parameter(torch.empty(len(self.slices) * rank, self.in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(sum(self.slice_widths), rank, **like))
+        if config.use_dora:
+            self.lora_magnitude = nn.Parameter(torch.empty(sum(self.slice_widths), **like))
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
 
+    @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """A Kaiming-uniform, B zero: the update starts at exactly zero."""
+        """A Kaiming-uniform, B zero: the update starts at exactly zero (DoRA: magnitude ``||W||``)."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.config.use_dora:
+            self.lora_magnitude.copy_(torch.linalg.vector_norm(self.chosen_rows(self.weight), dim=1))
 
-    def expanded_lora_B(self) -> torch.Tensor:
-        """``out x n*r``: each slice's B on its own rows and its own rank columns, zeros elsewhere.
+    def chosen_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows of an ``out x ...`` tensor that the slices update, stacked."""
+        if self.slice_widths == [self.out_features]:
+            return tensor
+        return torch.cat([tensor[start:stop] for start, stop in self.slices])
+
+    def on_all_rows(self, rows: torch.Tensor, fill: float) -> torch.Tensor:
+        """Inverse of :meth:`chosen_rows`: each slice's rows in place, ``fill`` on the others.
 
         Built from static slice bounds (no index buffer), so it survives meta-device init and
         compiles to fixed shapes."""
-        blocks = torch.block_diag(*self.lora_B.split(self.slice_widths)).split(self.slice_widths)
         pieces, row = [], 0
-        for (start, stop), block in zip(self.slices, blocks, strict=True):
+        for (start, stop), block in zip(self.slices, rows.split(self.slice_widths), strict=True):
             if start > row:
-                pieces.append(block.new_zeros(start - row, block.shape[1]))
+                pieces.append(rows.new_full((start - row, *rows.shape[1:]), fill))
             pieces.append(block)
             row = stop
         if row < self.out_features:
-            pieces.append(blocks[0].new_zeros(self.out_features - row, blocks[0].shape[1]))
+            pieces.append(rows.new_full((self.out_features - row, *rows.shape[1:]), fill))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def compact_lora_B(self) -> torch.Tensor:
+        """``sum(widths) x n*r``: each slice's B on its own rank columns, so ``compact @ A`` is dW's chosen rows."""
+        return torch.block_diag(*self.lora_B.split(self.slice_widths))
+
+    def expanded_lora_B(self) -> torch.Tensor:
+        """``out x n*r``: the compact B on its output rows, zeros elsewhere."""
+        return self.on_all_rows(self.compact_lora_B(), fill=0.0)
+
+    def magnitude_scale(self, updated_rows: torch.Tensor) -> torch.Tensor:
+        """DoRA's per-row factor ``m / ||W + dW||`` over all outputs (1 off the slices); the norm is detached."""
+        norm = torch.linalg.vector_norm(updated_rows.detach(), dim=1)
+        return self.on_all_rows(self.lora_magnitude / norm, fill=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.linear(x, self.weight, self.bias)
         low_rank = F.linear(self.lora_dropout(x), self.lora_A)
+        compact_B = self.compact_lora_B()
         updated = torch.addmm(
             base.reshape(-1, self.out_features),
             low_rank.reshape(-1, low_rank.shape[-1]),
-            self.expanded_lora_B().t(),
+            self.on_all_rows(compact_B, fill=0.0).t(),
             alpha=self.scaling,
-        )
-        return updated.view(base.shape)
+        ).view(base.shape)
+        if not self.config.use_dora:
+            return updated
+        with torch.no_grad():
+            updated_rows = self.chosen_rows(self.weight) + self.scaling * (compact_B @ self.lora_A)
+        scale = self.magnitude_scale(updated_rows).to(updated.dtype)
+        unbiased = updated if self.bias is None else updated - self.bias.to(updated.dtype)
+        # scale * unbiased + bias, written so that rows with scale 1 return the LoRA output bit for bit
+        return torch.addcmul(updated, scale - 1, unbiased)
+
+    @property
+    def merge_dtype(self) -> torch.dtype:
+        """At least float32 (a bf16 merge would round the small update away); float64 weights stay float64."""
+        return torch.promote_types(self.weight.dtype, torch.float32)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """The dense update ``scaling * B A`` in float32 (for merging and inspection only)."""
-        return self.scaling * (self.expanded_lora_B().float() @ self.lora_A.float())
+        """The dense update ``scaling * B A`` in ``merge_dtype`` (for merging and inspection only)."""
+        dtype = self.merge_dtype
+        return self.scaling * (self.expanded_lora_B().to(dtype) @ self.lora_A.to(dtype))
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``W + dW``, with DoRA's magnitude applied per row, in ``merge_dtype``: what the forward pass computes."""
+        weight = self.weight.to(self.merge_dtype) + self.delta_weight()
+        if self.config.use_dora:
+            weight *= self.magnitude_scale(self.chosen_rows(weight)).to(weight.dtype)[:, None]
+        return weight
 
     @torch.no_grad()
     def to_linear(self, merge: bool = True) -> nn.Linear:
         """A plain nn.Linear with the update folded into its weight, or the base alone (``merge=False``)."""
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
         if merge:
-            linear.weight = nn.Parameter((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            linear.weight = nn.Parameter(self.merged_weight().to(self.weight.dtype))
         else:
             linear.weight = self.weight
         linear.bias = self.bias
@@ -163,7 +220,8 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         parts = f", parts={self.parts}" if self.parts else ""
-        return f"{super().extra_repr()}, rank={self.config.rank}, scaling={self.scaling:g}{parts}"
+        dora = ", dora" if self.config.use_dora else ""
+        return f"{super().extra_repr()}, rank={self.config.rank}, scaling={self.scaling:g}{parts}{dora}"
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
