@@ -153,6 +153,29 @@ def test_a_config_that_does_not_fit_the_model_is_an_adapter_error(tmp_path):
     before.assert_unchanged(shallow)
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "eva02_large_patch14_clip_224"])
+def test_dora_adapter_round_trips_with_its_magnitudes(tmp_path, name):
+    config = dict(targets=("q", "v", "fc1"), use_dora=True, use_rslora=True, dropout=0.1)
+    model, path = trained_adapter(tmp_path, name, **config)
+    magnitudes = {key for key in load_file(path) if key.endswith(".lora_magnitude")}
+    assert magnitudes == {f"{layer}.lora_magnitude" for layer, _ in lora_modules(model)}
+    assert read_adapter(path).config == LoRAConfig(rank=4, **config)
+    loaded = load_adapter(tiny_model(name, num_classes=1000), path)
+    assert torch.equal(loaded(images()), model(images()))
+
+
+def test_an_adapter_written_before_dora_loads_as_plain_lora(tmp_path):
+    model, path = trained_adapter(tmp_path)
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    config = json.loads(meta["lora_config"])
+    del config["use_dora"]
+    rewrite(path, metadata={**meta, "lora_config": json.dumps(config)})
+    assert read_adapter(path).config.use_dora is False
+    loaded = load_adapter(tiny_model(num_classes=1000), path)
+    assert torch.equal(loaded(images()), model(images()))
+
+
 # --- bad input: a clear error, and the model exactly as it was ------------------------------
 
 
