@@ -114,11 +114,42 @@ def test_optimizer_groups_and_schedule(tmp_path, images):
     assert ramp[0] < ramp[9] <= 1.0 and ramp[10] == 1.0 and ramp[-1] == pytest.approx(0.01, abs=1e-3)
 
 
-def test_lora_checkpoint_holds_only_trainable_tensors(tmp_path, images):
-    model = classifier("lora")
+@pytest.mark.parametrize("lora_plus_ratio", [None, 16.0], ids=["one-lr", "lora-plus"])
+def test_lora_plus_gives_every_b_a_larger_rate_and_one_schedule_scales_all_groups(tmp_path, images, lora_plus_ratio):
+    dora = LoRAConfig(rank=4, targets=("q", "v", "fc1"), use_dora=True)
+    model = classifier(lora=dora, head_lr=0.5, lora_plus_ratio=lora_plus_ratio)
+    trainer(tmp_path, max_epochs=1).fit(model, datamodule(images))
+    groups = model.trainer.optimizers[0].param_groups
+    names = {id(p): n for n, p in model.model.named_parameters()}
+    by_name = {names[id(p)]: g for g in groups for p in g["params"]}
+    assert sorted(by_name) == sorted(n for n, p in model.model.named_parameters() if p.requires_grad)
+    expected = {"lora_B": 1e-2 * (lora_plus_ratio or 1), "lora_A": 1e-2, "lora_magnitude": 1e-2, "head": 0.5}
+    for name, group in by_name.items():
+        kind = "head" if name.startswith("head.") else name.rsplit(".", 1)[-1]
+        assert group["initial_lr"] == pytest.approx(expected[kind]), name
+        decays = kind != "lora_magnitude" and name != "head.bias"
+        assert group["weight_decay"] == (0.05 if decays else 0.0), name
+    assert len(groups) == (5 if lora_plus_ratio else 4)  # B gets its own group only with LoRA+
+    schedule = model.trainer.lr_scheduler_configs[0].scheduler
+    factor = schedule.lr_lambdas[0](schedule.last_epoch)
+    assert 0 < factor < 1 and len(set(schedule.lr_lambdas)) == 1
+    for group in groups:
+        assert group["lr"] == pytest.approx(group["initial_lr"] * factor, rel=1e-12)
+
+
+def test_lora_plus_ratio_must_be_positive():
+    with pytest.raises(ValueError, match="lora_plus_ratio must be a positive number"):
+        classifier(lora_plus_ratio=0.0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_lora_checkpoint_holds_only_trainable_tensors(tmp_path, images, use_dora):
+    model = classifier("lora", lora=LoRAConfig(rank=4, use_dora=use_dora))
     trainer(tmp_path, max_epochs=1).fit(model, datamodule(images))
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert set(checkpoint["state_dict"]) == {f"model.{n}" for n, p in model.model.named_parameters() if p.requires_grad}
+    assert any(key.endswith("lora_magnitude") for key in checkpoint["state_dict"]) == use_dora
+    assert checkpoint["hyper_parameters"]["lora"]["use_dora"] == use_dora
     assert checkpoint["hyper_parameters"]["class_names"] == ["apple", "banana", "cherry"]
     restored = ImageClassifier.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     x = torch.randn(2, 3, 32, 32)
@@ -127,9 +158,11 @@ def test_lora_checkpoint_holds_only_trainable_tensors(tmp_path, images):
     assert torch.equal(restored(x), model(x))
 
 
-def test_resume_continues_exactly(tmp_path, images):
+@pytest.mark.parametrize("method", [{}, {"lora_plus_ratio": 4.0, "use_dora": True}], ids=["lora", "dora-lora-plus"])
+def test_resume_continues_exactly(tmp_path, images, method):
     """With every source of randomness on: LoRA dropout, drop-path, RandAugment, mixup/cutmix."""
-    random = dict(lora=LoRAConfig(rank=4, dropout=0.2), drop_path_rate=0.2)
+    lora = LoRAConfig(rank=4, dropout=0.2, use_dora=method.get("use_dora", False))
+    random = dict(lora=lora, drop_path_rate=0.2, lora_plus_ratio=method.get("lora_plus_ratio"))
     augment = dict(auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0)
     uninterrupted = LossRecorder()
     trainer(tmp_path / "a", callbacks=[uninterrupted]).fit(classifier(**random), datamodule(images, **augment))

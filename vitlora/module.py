@@ -25,7 +25,7 @@ from torchmetrics.classification import (
 from vitlora.adapter import base_fingerprint
 from vitlora.backbone import create_backbone
 from vitlora.data import batches_seen
-from vitlora.lora import LoRAConfig, count_parameters, inject_lora
+from vitlora.lora import LoRAConfig, count_parameters, inject_lora, lora_modules
 from vitlora.targets import classifier_names, classifier_prefixes
 
 Method = Literal["lora", "full", "linear"]
@@ -45,6 +45,7 @@ class ImageClassifier(L.LightningModule):
         model_kwargs: dict[str, Any] | None = None,
         lr: float = 2e-3,
         head_lr: float | None = None,
+        lora_plus_ratio: float | None = None,
         weight_decay: float = 0.05,
         warmup_epochs: float = 1.0,
         min_lr_ratio: float = 0.01,
@@ -54,6 +55,8 @@ class ImageClassifier(L.LightningModule):
         seed: int = 0,
     ) -> None:
         """``lr`` is for the adapted weights, ``head_lr`` (default ``lr``) for the new head.
+        ``lora_plus_ratio`` (LoRA+, Hayou et al. 2024) trains every LoRA ``B`` at ``lr * ratio``,
+        which learns faster than one rate for A and B; None or 1 is plain LoRA.
         ``model_kwargs`` go to ``timm.create_model`` (tests use tiny configs). ``tta`` averages
         the logits of each evaluation image and its mirror image."""
         super().__init__()
@@ -65,6 +68,8 @@ class ImageClassifier(L.LightningModule):
                 raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}.")
         if not num_classes:
             raise ValueError("num_classes (or class_names) is required; the CLI takes them from the data.")
+        if lora_plus_ratio is not None and not lora_plus_ratio > 0:
+            raise ValueError(f"lora_plus_ratio must be a positive number (None or 1 for off), got {lora_plus_ratio!r}.")
         if isinstance(lora, dict):  # as stored in checkpoints: plain data, loadable with weights_only
             lora = LoRAConfig(**lora)
         if weights:  # checkpoints rebuild the base from here: keep it valid from any working directory
@@ -162,19 +167,21 @@ class ImageClassifier(L.LightningModule):
         hp = self.hparams
         no_decay_names = set(getattr(self.model, "no_weight_decay", lambda: set())())
         heads = classifier_prefixes(self.model)
-        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        lora_plus = hp.lora_plus_ratio or 1.0
+        lora_B_names = {f"{name}.lora_B" for name, _ in lora_modules(self.model)} if lora_plus != 1.0 else set()
+        groups: dict[tuple[bool, bool, bool], list[torch.nn.Parameter]] = {}
         for name, parameter in self.model.named_parameters():
             if not parameter.requires_grad:
                 continue
             decay = parameter.ndim > 1 and name not in no_decay_names
-            groups.setdefault((name.startswith(heads), decay), []).append(parameter)
+            groups.setdefault((name.startswith(heads), decay, name in lora_B_names), []).append(parameter)
         param_groups = [
             {
                 "params": params,
-                "lr": (hp.head_lr or hp.lr) if is_head else hp.lr,
+                "lr": (hp.head_lr or hp.lr) if is_head else hp.lr * (lora_plus if is_lora_B else 1.0),
                 "weight_decay": hp.weight_decay if decay else 0.0,
             }
-            for (is_head, decay), params in sorted(groups.items())
+            for (is_head, decay, is_lora_B), params in sorted(groups.items())
         ]
         optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
