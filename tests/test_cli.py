@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import make_image_folder
 from safetensors.torch import save_file
 
@@ -30,12 +31,13 @@ def workspace(tmp_path_factory):
     return root
 
 
-def run(workspace, *args, method="lora", name="lora"):
+def run(workspace, *args, method="lora", name="lora", options=()):
+    """``options`` come after the recipe, so they override it."""
     main([
         *args, "--config", str(RECIPE), "--data.root", str(workspace / "data"),
         "--model.method", method, "--model.weights", str(workspace / "base.safetensors"),
         "--trainer.logger.init_args.save_dir", str(workspace / "runs"),
-        "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", "0",
+        "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", "0", *options,
     ])  # fmt: skip
     return workspace / "runs" / name / "version_0"
 
@@ -83,6 +85,22 @@ def test_export_gives_an_adapter_that_reproduces_the_module(workspace, lora_run)
             for p in sorted((workspace / "data" / "val").rglob("*.png"))
         ]
     )
+    assert torch.equal(model(x), module(x))
+
+
+def test_dora_and_lora_plus_options_fit_and_export(workspace):
+    options = ("--model.lora.use_dora", "true", "--model.lora_plus_ratio", "4")
+    folder = run(workspace, "fit", name="dora", options=options)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["model"]["lora"]["use_dora"] is True and config["model"]["lora_plus_ratio"] == 4.0
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    adapter_path = workspace / "dora.safetensors"
+    main(["export", "--ckpt_path", str(ckpt), "--output", str(adapter_path)])
+    assert read_adapter(adapter_path).config.use_dora is True
+    module = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True).eval()
+    plain = create_backbone("vit_tiny_patch16_224", 1000, weights=workspace / "base.safetensors", img_size=32, **TINY)
+    model = load_adapter(plain, adapter_path).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert torch.equal(model(x), module(x))
 
 
