@@ -78,6 +78,38 @@ class LoRAConfig:
         return cls(**json.loads(text))
 
 
+def expand_lora_B(lora_B: torch.Tensor, slices: Sequence[tuple[int, int]], out_features: int) -> torch.Tensor:
+    """``out x n*r``: each slice's B on its own rows and its own rank columns, zeros elsewhere.
+
+    ``lora_B`` stacks the slices' B blocks (``sum(widths) x r``). Built from static slice
+    bounds (no index buffer), so it survives meta-device init and compiles to fixed shapes."""
+    widths = [stop - start for start, stop in slices]
+    blocks = torch.block_diag(*lora_B.split(widths)).split(widths)
+    pieces, row = [], 0
+    for (start, stop), block in zip(slices, blocks, strict=True):
+        if start > row:
+            pieces.append(block.new_zeros(start - row, block.shape[1]))
+        pieces.append(block)
+        row = stop
+    if row < out_features:
+        pieces.append(blocks[0].new_zeros(out_features - row, blocks[0].shape[1]))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def add_lora_update(
+    base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, expanded_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``base + scaling * (x A^T) B_expanded^T`` in one fused addmm: the low-rank path, never a dense delta-W."""
+    low_rank = F.linear(x, lora_A)
+    updated = torch.addmm(
+        base.reshape(-1, base.shape[-1]),
+        low_rank.reshape(-1, low_rank.shape[-1]),
+        expanded_B.t(),
+        alpha=scaling,
+    )
+    return updated.view(base.shape)
+
+
 class LoRALinear(nn.Linear):
     """A frozen nn.Linear plus trainable low-rank updates on chosen slices of its output.
 
@@ -118,31 +150,11 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B)
 
     def expanded_lora_B(self) -> torch.Tensor:
-        """``out x n*r``: each slice's B on its own rows and its own rank columns, zeros elsewhere.
-
-        Built from static slice bounds (no index buffer), so it survives meta-device init and
-        compiles to fixed shapes."""
-        blocks = torch.block_diag(*self.lora_B.split(self.slice_widths)).split(self.slice_widths)
-        pieces, row = [], 0
-        for (start, stop), block in zip(self.slices, blocks, strict=True):
-            if start > row:
-                pieces.append(block.new_zeros(start - row, block.shape[1]))
-            pieces.append(block)
-            row = stop
-        if row < self.out_features:
-            pieces.append(blocks[0].new_zeros(self.out_features - row, blocks[0].shape[1]))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return expand_lora_B(self.lora_B, self.slices, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.linear(x, self.weight, self.bias)
-        low_rank = F.linear(self.lora_dropout(x), self.lora_A)
-        updated = torch.addmm(
-            base.reshape(-1, self.out_features),
-            low_rank.reshape(-1, low_rank.shape[-1]),
-            self.expanded_lora_B().t(),
-            alpha=self.scaling,
-        )
-        return updated.view(base.shape)
+        return add_lora_update(base, self.lora_dropout(x), self.lora_A, self.expanded_lora_B(), self.scaling)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -235,14 +247,14 @@ def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
 
 
 @torch.no_grad()
-def check_lora_in_forward(model: nn.Module) -> None:
-    """Raises if a forward pass does not call every LoRA layer (skipped when the input size is unknown)."""
+def check_lora_in_forward(model: nn.Module, layer_type: type[nn.Module] = LoRALinear) -> None:
+    """Raises if a forward pass does not call every ``layer_type`` layer (skipped when the input size is unknown)."""
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)  # hybrid ViTs: the CNN's
     if img_size is None or stem is None or stem.weight.device.type == "meta":
         return
     called: set[str] = set()
-    names = {module: name for name, module in lora_modules(model)}
+    names = {module: name for name, module in model.named_modules() if isinstance(module, layer_type)}
     handles = [m.register_forward_hook(lambda m, *_: called.add(names[m])) for m in names]
     modes = {module: module.training for module in model.modules()}
     try:
