@@ -1,4 +1,4 @@
-"""The README's Python example runs as written (offline: pretrained weights become random)."""
+"""The README's Python examples run as written, in order (offline: pretrained weights become random)."""
 
 import re
 from pathlib import Path
@@ -22,12 +22,14 @@ def test_readme_python_example_runs(monkeypatch):
         return model
 
     monkeypatch.setattr(timm, "create_model", offline_create_model)
-    code = blocks[0]
     namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)
+    for code in blocks:
+        exec(compile(code, str(README), "exec"), namespace)
     deployed = namespace["deployed"]
     assert deployed.num_classes == 3
     assert not any("lora_" in key for key in deployed.state_dict())
+    assert namespace["mixed"].num_classes == [3, 1000, 3, 1000]
+    torch.testing.assert_close(namespace["fruit_logits"], deployed(namespace["batch"]), rtol=1e-4, atol=1e-4)
 
 
 def test_ci_runs_the_readme_test_command():

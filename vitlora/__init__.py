@@ -21,12 +21,15 @@ from vitlora.lora import (
     merge_lora,
     remove_lora,
 )
+from vitlora.multi import MixedLogits, MultiAdapter
 
 __all__ = [
     "Adapter",
     "AdapterError",
     "LoRAConfig",
     "LoRALinear",
+    "MixedLogits",
+    "MultiAdapter",
     "ParameterCount",
     "__version__",
     "adapter_state_dict",

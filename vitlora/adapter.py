@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,26 +199,36 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     and then leaves the model exactly as it was.
     """
     adapter = read_adapter(path)
-    _check_compatible(model, adapter, check_base)
-    try:
-        sites = find_lora_sites(model, adapter.config.targets, adapter.config.blocks)
-    except ValueError as error:
-        raise AdapterError(adapter.path, f"its LoRA config does not fit this model: {error}") from error
+    check_compatible(model, adapter, check_base)
+    sites = lora_sites_for(model, adapter)
     snapshot = _Snapshot(model, sites)
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices):  # injecting draws random A: keep the caller's RNG
+        with callers_rng_kept(model):  # injecting draws random A
             if getattr(model, "num_classes", None) != adapter.num_classes:
-                _reset_classifier_like(model, adapter.num_classes)
+                reset_classifier_like(model, adapter.num_classes)
             inject_lora(model, adapter.config)
-        _copy_adapter_tensors(model, adapter)
+        copy_adapter_tensors(adapter_state_dict(model), adapter)
     except BaseException:
         snapshot.restore(model)
         raise
     return model
 
 
-def _reset_classifier_like(model: nn.Module, num_classes: int) -> None:
+def lora_sites_for(model: nn.Module, adapter: Adapter) -> list[LoRASite]:
+    """The layers the adapter's config targets on this model, or an AdapterError naming the file."""
+    try:
+        return find_lora_sites(model, adapter.config.targets, adapter.config.blocks)
+    except ValueError as error:
+        raise AdapterError(adapter.path, f"its LoRA config does not fit this model: {error}") from error
+
+
+def callers_rng_kept(model: nn.Module) -> AbstractContextManager:
+    """Random initialisation that the adapter's tensors overwrite must not shift the caller's RNG streams."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)
+
+
+def reset_classifier_like(model: nn.Module, num_classes: int) -> None:
     """timm's reset_classifier, keeping the old head's device and dtype (older timm makes fp32 CPU heads)."""
     old = {name: getattr(model, name) for name in classifier_names(model)}
     like = next((p for head in old.values() for p in head.parameters()), None)
@@ -228,7 +239,8 @@ def _reset_classifier_like(model: nn.Module, num_classes: int) -> None:
         getattr(model, name).to(device=like.device, dtype=like.dtype)
 
 
-def _check_compatible(model: nn.Module, adapter: Adapter, check_base: bool) -> None:
+def check_compatible(model: nn.Module, adapter: Adapter, check_base: bool) -> None:
+    """Refuses a model with LoRA layers, another architecture or (with ``check_base``) other base weights."""
     if lora_modules(model):
         raise AdapterError(adapter.path, "the model already has LoRA layers; load onto a plain timm model.")
     architecture = architecture_of(model)
@@ -248,8 +260,8 @@ def _check_compatible(model: nn.Module, adapter: Adapter, check_base: bool) -> N
             )
 
 
-def _copy_adapter_tensors(model: nn.Module, adapter: Adapter) -> None:
-    expected = adapter_state_dict(model)
+def copy_adapter_tensors(expected: dict[str, torch.Tensor], adapter: Adapter) -> None:
+    """Copies the file's tensors into ``expected`` (key -> tensor to fill) after checking keys and shapes."""
     missing = sorted(expected.keys() - adapter.tensors.keys())
     unexpected = sorted(adapter.tensors.keys() - expected.keys())
     misshapen = [

@@ -83,6 +83,43 @@ class LoRAConfig:
         return cls(**json.loads(text))
 
 
+def place_rows(rows: torch.Tensor, slices: Sequence[tuple[int, int]], out_features: int, fill: float) -> torch.Tensor:
+    """Each slice's stacked rows at its own output rows, ``fill`` on the others.
+
+    Built from static slice bounds (no index buffer), so it survives meta-device init and
+    compiles to fixed shapes."""
+    widths = [stop - start for start, stop in slices]
+    pieces, row = [], 0
+    for (start, stop), block in zip(slices, rows.split(widths), strict=True):
+        if start > row:
+            pieces.append(rows.new_full((start - row, *rows.shape[1:]), fill))
+        pieces.append(block)
+        row = stop
+    if row < out_features:
+        pieces.append(rows.new_full((out_features - row, *rows.shape[1:]), fill))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def expand_lora_B(lora_B: torch.Tensor, slices: Sequence[tuple[int, int]], out_features: int) -> torch.Tensor:
+    """``out x n*r``: each slice's B (stacked in ``lora_B``) on its own rows and rank columns, zeros elsewhere."""
+    widths = [stop - start for start, stop in slices]
+    return place_rows(torch.block_diag(*lora_B.split(widths)), slices, out_features, 0.0)
+
+
+def add_lora_update(
+    base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, expanded_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``base + scaling * (x A^T) B_expanded^T`` in one fused addmm: the low-rank path, never a dense delta-W."""
+    low_rank = F.linear(x, lora_A)
+    updated = torch.addmm(
+        base.reshape(-1, base.shape[-1]),
+        low_rank.reshape(-1, low_rank.shape[-1]),
+        expanded_B.t(),
+        alpha=scaling,
+    )
+    return updated.view(base.shape)
+
+
 class LoRALinear(nn.Linear):
     """A frozen nn.Linear plus trainable low-rank updates on chosen slices of its output.
 
@@ -141,19 +178,8 @@ class LoRALinear(nn.Linear):
         return torch.cat([tensor[start:stop] for start, stop in self.slices])
 
     def on_all_rows(self, rows: torch.Tensor, fill: float) -> torch.Tensor:
-        """Inverse of :meth:`chosen_rows`: each slice's rows in place, ``fill`` on the others.
-
-        Built from static slice bounds (no index buffer), so it survives meta-device init and
-        compiles to fixed shapes."""
-        pieces, row = [], 0
-        for (start, stop), block in zip(self.slices, rows.split(self.slice_widths), strict=True):
-            if start > row:
-                pieces.append(rows.new_full((start - row, *rows.shape[1:]), fill))
-            pieces.append(block)
-            row = stop
-        if row < self.out_features:
-            pieces.append(rows.new_full((self.out_features - row, *rows.shape[1:]), fill))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        """Inverse of :meth:`chosen_rows`: each slice's rows in place, ``fill`` on the others."""
+        return place_rows(rows, self.slices, self.out_features, fill)
 
     def compact_lora_B(self) -> torch.Tensor:
         """``sum(widths) x n*r``: each slice's B on its own rank columns, so ``compact @ A`` is dW's chosen rows."""
@@ -170,14 +196,9 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.linear(x, self.weight, self.bias)
-        low_rank = F.linear(self.lora_dropout(x), self.lora_A)
         compact_B = self.compact_lora_B()
-        updated = torch.addmm(
-            base.reshape(-1, self.out_features),
-            low_rank.reshape(-1, low_rank.shape[-1]),
-            self.on_all_rows(compact_B, fill=0.0).t(),
-            alpha=self.scaling,
-        ).view(base.shape)
+        x = self.lora_dropout(x)
+        updated = add_lora_update(base, x, self.lora_A, self.on_all_rows(compact_B, fill=0.0), self.scaling)
         if not self.config.use_dora:
             return updated
         with torch.no_grad():
@@ -293,14 +314,14 @@ def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
 
 
 @torch.no_grad()
-def check_lora_in_forward(model: nn.Module) -> None:
-    """Raises if a forward pass does not call every LoRA layer (skipped when the input size is unknown)."""
+def check_lora_in_forward(model: nn.Module, layer_type: type[nn.Module] = LoRALinear) -> None:
+    """Raises if a forward pass does not call every ``layer_type`` layer (skipped when the input size is unknown)."""
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)  # hybrid ViTs: the CNN's
     if img_size is None or stem is None or stem.weight.device.type == "meta":
         return
     called: set[str] = set()
-    names = {module: name for name, module in lora_modules(model)}
+    names = {module: name for name, module in model.named_modules() if isinstance(module, layer_type)}
     handles = [m.register_forward_hook(lambda m, *_: called.add(names[m])) for m in names]
     modes = {module: module.training for module in model.modules()}
     try:
