@@ -141,18 +141,12 @@ def classify(
     """Top-k rows per image; unreadable images get a row with ``error`` set instead of labels."""
     import torch
 
-    from vitlora.adapter import AdapterError, load_adapter, read_adapter
-    from vitlora.backbone import create_backbone
+    from vitlora.adapter import build_model_with_adapter
     from vitlora.data import eval_transform, expand_image_paths
     from vitlora.images import BadImage, load_rgb
 
-    adapter = read_adapter(adapter_path)
-    if not adapter.model_name:
-        raise AdapterError(adapter_path, "records no timm model name to build the base model from.")
-    kwargs = dict(adapter.metadata.get("model_kwargs") or {})
-    model = create_backbone(adapter.model_name, adapter.num_classes, weights=weights, **kwargs)
-    model = load_adapter(model, adapter_path).eval()
-    transform = eval_transform(adapter.model_name, kwargs.get("img_size"))
+    model, adapter = build_model_with_adapter(adapter_path, weights)
+    transform = eval_transform(adapter.model_name, adapter.model_kwargs.get("img_size"))
     names = adapter.class_names or [str(i) for i in range(adapter.num_classes)]
     rows: list[dict] = []
     pending: list[tuple[int, torch.Tensor]] = []
