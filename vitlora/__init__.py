@@ -22,10 +22,12 @@ from vitlora.lora import (
     merge_lora,
     remove_lora,
 )
+from vitlora.merge import ExportError, export_onnx, merge_adapter
 
 __all__ = [
     "Adapter",
     "AdapterError",
+    "ExportError",
     "LoRAConfig",
     "LoRALinear",
     "ParameterCount",
@@ -34,9 +36,11 @@ __all__ = [
     "base_fingerprint",
     "build_model_with_adapter",
     "count_parameters",
+    "export_onnx",
     "inject_lora",
     "load_adapter",
     "lora_config",
+    "merge_adapter",
     "merge_lora",
     "read_adapter",
     "remove_lora",
