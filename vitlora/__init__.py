@@ -11,6 +11,7 @@ from vitlora.adapter import (
     read_adapter,
     save_adapter,
 )
+from vitlora.inspection import AdapterSummary, UpdateStats, inspect_adapter, write_update_heatmap
 from vitlora.lora import (
     LoRAConfig,
     LoRALinear,
@@ -27,10 +28,12 @@ from vitlora.merge import ExportError, export_onnx, merge_adapter
 __all__ = [
     "Adapter",
     "AdapterError",
+    "AdapterSummary",
     "ExportError",
     "LoRAConfig",
     "LoRALinear",
     "ParameterCount",
+    "UpdateStats",
     "__version__",
     "adapter_state_dict",
     "base_fingerprint",
@@ -38,6 +41,7 @@ __all__ = [
     "count_parameters",
     "export_onnx",
     "inject_lora",
+    "inspect_adapter",
     "load_adapter",
     "lora_config",
     "merge_adapter",
@@ -45,4 +49,5 @@ __all__ = [
     "read_adapter",
     "remove_lora",
     "save_adapter",
+    "write_update_heatmap",
 ]
