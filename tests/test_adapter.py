@@ -10,6 +10,7 @@ from vitlora import (
     AdapterError,
     LoRAConfig,
     base_fingerprint,
+    build_model_with_adapter,
     inject_lora,
     load_adapter,
     read_adapter,
@@ -317,3 +318,30 @@ def test_load_onto_a_model_on_another_dtype_keeps_that_dtype(tmp_path):
     load_adapter(plain, path)
     assert plain.blocks[0].attn.qkv.lora_B.dtype == torch.bfloat16 and plain.head.weight.dtype == torch.bfloat16
     torch.testing.assert_close(plain(images().bfloat16()).float(), model(images()), atol=0.1, rtol=0.05)
+
+
+def test_build_model_with_adapter_recreates_the_recorded_model_on_local_weights(tmp_path):
+    tiny = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
+    save_file(tiny_model(num_classes=1000).state_dict(), tmp_path / "base.safetensors")
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(rank=4))
+    randomize_lora(model)
+    path = save_adapter(model, tmp_path / "a.safetensors", model_name="vit_tiny_patch16_224", model_kwargs=tiny)
+    built, adapter = build_model_with_adapter(path, weights=tmp_path / "base.safetensors")
+    assert not built.training and adapter.model_kwargs == tiny and adapter.path == path
+    assert torch.equal(built(images()), model(images()))
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"model_name": "vit_no_such_model"}, "records timm model 'vit_no_such_model', unknown to timm"),
+        ({"model_kwargs": [32]}, r"metadata 'model_kwargs' is not a mapping: \[32\]"),
+    ],
+)
+def test_build_model_with_adapter_names_the_file_and_the_problem(tmp_path, metadata, message):
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(rank=4))
+    path = save_adapter(model, tmp_path / "a.safetensors", **metadata)
+    with pytest.raises(AdapterError, match=rf"a\.safetensors: {message}"):
+        build_model_with_adapter(path)

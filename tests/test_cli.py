@@ -5,10 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 from conftest import make_image_folder
-from safetensors.torch import save_file
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from vitlora import load_adapter, read_adapter
 from vitlora.backbone import create_backbone
@@ -70,10 +73,16 @@ def test_validate_and_test_from_the_checkpoint(workspace, lora_run):
     assert (folder / "confusion_matrix.png").is_file() and (folder / "per_class_accuracy.csv").is_file()
 
 
-def test_export_gives_an_adapter_that_reproduces_the_module(workspace, lora_run):
-    ckpt = lora_run / "checkpoints" / "last.ckpt"
+@pytest.fixture(scope="module")
+def fruit_adapter(workspace, lora_run):
     adapter_path = workspace / "fruit.safetensors"
-    main(["export", "--ckpt_path", str(ckpt), "--output", str(adapter_path)])
+    main(["export", "--ckpt_path", str(lora_run / "checkpoints" / "last.ckpt"), "--output", str(adapter_path)])
+    return adapter_path
+
+
+def test_export_gives_an_adapter_that_reproduces_the_module(workspace, lora_run, fruit_adapter):
+    ckpt = lora_run / "checkpoints" / "last.ckpt"
+    adapter_path = fruit_adapter
     adapter = read_adapter(adapter_path)
     assert adapter.class_names == ["apple", "banana", "cherry"] and adapter.config.rank == 4
     module = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True).eval()
@@ -104,18 +113,8 @@ def test_dora_and_lora_plus_options_fit_and_export(workspace):
     assert torch.equal(model(x), module(x))
 
 
-def test_classify_writes_top_k_and_reports_unreadable_images(workspace, lora_run):
-    adapter_path = workspace / "fruit.safetensors"
-    if not adapter_path.exists():
-        main(
-            [
-                "export",
-                "--ckpt_path",
-                str(lora_run / "checkpoints" / "last.ckpt"),
-                "--output",
-                str(adapter_path),
-            ]
-        )
+def test_classify_writes_top_k_and_reports_unreadable_images(workspace, fruit_adapter):
+    adapter_path = fruit_adapter
     broken = workspace / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     for suffix in ("csv", "json"):
@@ -129,6 +128,57 @@ def test_classify_writes_top_k_and_reports_unreadable_images(workspace, lora_run
         first = good[0]
         labels = first["labels"] if suffix == "json" else [first["label_1"], first["label_2"]]
         assert set(labels) <= {"apple", "banana", "cherry"} and len(set(labels)) == 2
+
+
+def test_merge_writes_a_plain_timm_model_that_matches_the_adapter(workspace, fruit_adapter, capsys):
+    out = workspace / "deploy" / "fruit-model.safetensors"
+    out.parent.mkdir()
+    main(["merge", str(fruit_adapter), "--output", str(out), "--weights", str(workspace / "base.safetensors")])
+    assert f"wrote {out}" in capsys.readouterr().out
+    with safe_open(out, "pt") as handle:
+        meta = handle.metadata()
+    assert json.loads(meta["class_names"]) == ["apple", "banana", "cherry"]
+    deployed = timm.create_model(meta["model_name"], num_classes=3, **json.loads(meta["model_kwargs"]))
+    deployed.load_state_dict(load_file(out), strict=True)
+    plain = create_backbone("vit_tiny_patch16_224", 1000, weights=workspace / "base.safetensors", img_size=32, **TINY)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(deployed.eval()(x), load_adapter(plain, fruit_adapter).eval()(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["merge", "{w}/nope.safetensors", "--output", "{w}/m.safetensors"],
+            r"nope\.safetensors: no such adapter file",
+        ),
+        (["merge", "{w}/fruit.safetensors", "--output", "{w}/no/m.safetensors"], r"output folder .*no does not exist"),
+        (["merge", "{w}/fruit.safetensors", "--output", "{w}/m.safetensors", "--format", "onnx"], r"end in \.onnx"),
+        (["inspect", "{w}/base.safetensors"], r"base\.safetensors: not a vitlora adapter"),
+        (["inspect", "{w}/fruit.safetensors", "--plot", "{w}/no/u.png"], r"output folder .*no does not exist"),
+    ],
+)
+def test_merge_and_inspect_exit_with_the_file_and_the_problem(workspace, fruit_adapter, args, message):
+    before = sorted(workspace.iterdir())
+    with pytest.raises(SystemExit, match=f"vitlora {args[0]}: .*{message}"):
+        main([arg.format(w=workspace) for arg in args])
+    assert sorted(workspace.iterdir()) == before
+
+
+def test_merge_rejects_an_unknown_format(workspace, fruit_adapter, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", str(fruit_adapter), "--output", str(workspace / "m.tflite"), "--format", "tflite"])
+    assert exit_.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+def test_inspect_prints_the_summary_and_writes_the_heatmap(workspace, fruit_adapter, capsys):
+    main(["inspect", str(fruit_adapter), "--plot", str(workspace / "updates.png")])
+    out = capsys.readouterr().out
+    assert "classes    3: apple, banana, cherry" in out and "rank 4, alpha 8, scaling 2, targets q,v" in out
+    assert [line.split()[:2] for line in out.splitlines() if line[:5].strip().isdigit()] == [
+        ["0", "q"], ["0", "v"], ["1", "q"], ["1", "v"],
+    ]  # fmt: skip
+    assert Image.open(workspace / "updates.png").size[1] > 2 * 16
 
 
 def test_predict_runs(workspace, lora_run):

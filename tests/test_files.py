@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vitlora.files import atomic_write, read_state_dict
+from vitlora.files import atomic_write, check_output_path, read_state_dict
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -45,3 +45,15 @@ def test_read_state_dict_names_the_file(tmp_path, name):
     (tmp_path / "bad.safetensors").write_text("nope")
     with pytest.raises((ValueError, FileNotFoundError), match=name):
         read_state_dict(tmp_path / name)
+
+
+def test_check_output_path_refuses_before_any_work(tmp_path):
+    assert check_output_path(tmp_path / "m.onnx", (".onnx",)) == tmp_path / "m.onnx"
+    with pytest.raises(ValueError, match=r"m\.txt: the output must end in \.csv or \.json"):
+        check_output_path(tmp_path / "m.txt", (".csv", ".json"))
+    with pytest.raises(FileNotFoundError, match=r"m\.onnx: the output folder .*missing does not exist"):
+        check_output_path(tmp_path / "missing" / "m.onnx", (".onnx",))
+    (tmp_path / "dir.onnx").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"dir\.onnx: is a folder"):
+        check_output_path(tmp_path / "dir.onnx", (".onnx",))
+    assert not (tmp_path / "missing").exists()

@@ -6,10 +6,12 @@ from vitlora.adapter import (
     Adapter,
     AdapterError,
     base_fingerprint,
+    build_model_with_adapter,
     load_adapter,
     read_adapter,
     save_adapter,
 )
+from vitlora.inspection import AdapterSummary, UpdateStats, inspect_adapter, write_update_heatmap
 from vitlora.lora import (
     LoRAConfig,
     LoRALinear,
@@ -21,25 +23,34 @@ from vitlora.lora import (
     merge_lora,
     remove_lora,
 )
+from vitlora.merge import ExportError, export_onnx, merge_adapter
 from vitlora.multi import MixedLogits, MultiAdapter
 
 __all__ = [
     "Adapter",
     "AdapterError",
+    "AdapterSummary",
+    "ExportError",
     "LoRAConfig",
     "LoRALinear",
     "MixedLogits",
     "MultiAdapter",
     "ParameterCount",
+    "UpdateStats",
     "__version__",
     "adapter_state_dict",
     "base_fingerprint",
+    "build_model_with_adapter",
     "count_parameters",
+    "export_onnx",
     "inject_lora",
+    "inspect_adapter",
     "load_adapter",
     "lora_config",
+    "merge_adapter",
     "merge_lora",
     "read_adapter",
     "remove_lora",
     "save_adapter",
+    "write_update_heatmap",
 ]

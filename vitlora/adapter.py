@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save as serialize
 from torch import nn
 
+from vitlora.backbone import create_backbone
 from vitlora.files import atomic_write
 from vitlora.lora import LoRAConfig, adapter_state_dict, inject_lora, lora_config, lora_modules
 from vitlora.targets import LoRASite, classifier_names, find_lora_sites, restore_fused_qkv_routing
@@ -56,6 +57,14 @@ class Adapter:
     class_names: list[str] | None
     base_fingerprint: str
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """Extra ``timm.create_model`` arguments the adapter was trained with (``img_size``...)."""
+        kwargs = self.metadata.get("model_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise AdapterError(self.path, f"metadata 'model_kwargs' is not a mapping: {kwargs!r}.")
+        return dict(kwargs)
 
 
 def architecture_of(model: nn.Module) -> str | None:
@@ -198,7 +207,30 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     ``check_base=False`` skips that check), or missing / unexpected / misshapen tensors,
     and then leaves the model exactly as it was.
     """
+    return _attach(model, read_adapter(path), check_base)
+
+
+def build_model_with_adapter(
+    path: str | os.PathLike, weights: str | os.PathLike | None = None
+) -> tuple[nn.Module, Adapter]:
+    """The model an adapter file describes, ready for inference (eval mode), and the file's contents.
+
+    The base is the timm model the file records (``model_name`` and ``model_kwargs``) on its
+    pretrained weights: from the timm hub, or from ``weights`` (a local file, for offline
+    machines). The base-weight fingerprint is checked as in :func:`load_adapter`.
+    """
     adapter = read_adapter(path)
+    if not adapter.model_name:
+        raise AdapterError(adapter.path, "records no timm model name to build the base model from.")
+    if not timm.is_model(adapter.model_name):
+        raise AdapterError(
+            adapter.path, f"records timm model {adapter.model_name!r}, unknown to timm {timm.__version__}."
+        )
+    model = create_backbone(adapter.model_name, adapter.num_classes, weights=weights, **adapter.model_kwargs)
+    return _attach(model, adapter, check_base=True).eval(), adapter
+
+
+def _attach(model: nn.Module, adapter: Adapter, check_base: bool) -> nn.Module:
     check_compatible(model, adapter, check_base)
     sites = lora_sites_for(model, adapter)
     snapshot = _Snapshot(model, sites)

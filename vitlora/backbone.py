@@ -59,7 +59,7 @@ def create_backbone(
             raise WeightsUnavailable(
                 f"Could not fetch pretrained weights for {name!r} ({type(error).__name__}: {error}). "
                 "On a machine without internet pass a local file with timm's keys: "
-                f"--model.weights path/to/{name}.safetensors (or .pth)."
+                f"--model.weights path/to/{name}.safetensors (or .pth) to fit, --weights to classify or merge."
             ) from error
     else:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)

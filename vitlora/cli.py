@@ -3,12 +3,16 @@
 vitlora fit --config recipes/grocery_lora.yaml [--model.lora.rank 16 ...]
 vitlora export --ckpt_path runs/.../last.ckpt --output grocery.safetensors
 vitlora classify grocery.safetensors photos/ --output preds.csv [--weights BASE] [--top-k 5]
+vitlora merge grocery.safetensors --output model.safetensors [--format onnx] [--weights BASE]
+vitlora inspect grocery.safetensors [--plot updates.png]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -18,7 +22,7 @@ from vitlora.data import ImageDataModule
 from vitlora.module import ImageClassifier
 from vitlora.predictions import PredictionWriter, top_k_rows, write_predictions
 
-EXTRA_COMMANDS = ("export", "classify")
+EXTRA_COMMANDS = ("export", "classify", "merge", "inspect")
 
 
 class VitloraCLI(LightningCLI):
@@ -49,10 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     """``argv`` for calls from Python (tests); the console script reads the command line."""
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in EXTRA_COMMANDS:
-        {"export": export_command, "classify": classify_command}[words[0]](words[1:])
+        commands = {
+            "export": export_command,
+            "classify": classify_command,
+            "merge": merge_command,
+            "inspect": inspect_command,
+        }
+        commands[words[0]](words[1:])
         return
     if words[:1] in (["-h"], ["--help"]):
-        print("Extra commands: vitlora export --help, vitlora classify --help\n")
+        print("Extra commands: " + ", ".join(f"vitlora {command} --help" for command in EXTRA_COMMANDS) + "\n")
     VitloraCLI(
         ImageClassifier,
         ImageDataModule,
@@ -141,18 +151,12 @@ def classify(
     """Top-k rows per image; unreadable images get a row with ``error`` set instead of labels."""
     import torch
 
-    from vitlora.adapter import AdapterError, load_adapter, read_adapter
-    from vitlora.backbone import create_backbone
+    from vitlora.adapter import build_model_with_adapter
     from vitlora.data import eval_transform, expand_image_paths
     from vitlora.images import BadImage, load_rgb
 
-    adapter = read_adapter(adapter_path)
-    if not adapter.model_name:
-        raise AdapterError(adapter_path, "records no timm model name to build the base model from.")
-    kwargs = dict(adapter.metadata.get("model_kwargs") or {})
-    model = create_backbone(adapter.model_name, adapter.num_classes, weights=weights, **kwargs)
-    model = load_adapter(model, adapter_path).eval()
-    transform = eval_transform(adapter.model_name, kwargs.get("img_size"))
+    model, adapter = build_model_with_adapter(adapter_path, weights)
+    transform = eval_transform(adapter.model_name, adapter.model_kwargs.get("img_size"))
     names = adapter.class_names or [str(i) for i in range(adapter.num_classes)]
     rows: list[dict] = []
     pending: list[tuple[int, torch.Tensor]] = []
@@ -176,6 +180,57 @@ def classify(
     if pending:
         flush()
     return rows
+
+
+# --- merge and inspect -----------------------------------------------------------------------
+
+
+@contextmanager
+def exit_on_bad_input(command: str) -> Iterator[None]:
+    """Library errors already name the file and the problem: show that line, not a traceback."""
+    from vitlora.backbone import WeightsUnavailable
+    from vitlora.merge import ExportError
+
+    try:
+        yield
+    except (ValueError, OSError, ExportError, WeightsUnavailable) as error:
+        raise SystemExit(f"vitlora {command}: {error}") from error
+
+
+def merge_command(argv: list[str]) -> None:
+    from vitlora.merge import FORMATS, ONNX_TOLERANCE, merge_adapter
+
+    parser = argparse.ArgumentParser(
+        prog="vitlora merge", description="Fold an adapter into its base: one plain timm model for deployment."
+    )
+    parser.add_argument("adapter", type=Path)
+    parser.add_argument("--output", required=True, type=Path, help="model.safetensors or model.onnx")
+    parser.add_argument("--format", choices=FORMATS, default="safetensors")
+    parser.add_argument("--weights", help="local base weights file (offline machines)")
+    parser.add_argument("--tolerance", type=float, default=ONNX_TOLERANCE, help="max |onnx - torch| logit")
+    args = parser.parse_args(argv)
+    with exit_on_bad_input("merge"):
+        path = merge_adapter(
+            args.adapter, args.output, weights=args.weights, format=args.format, tolerance=args.tolerance
+        )
+    checked = f", onnxruntime matches torch within {args.tolerance:g}" if args.format == "onnx" else ""
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB{checked})")
+
+
+def inspect_command(argv: list[str]) -> None:
+    from vitlora.inspection import inspect_adapter, write_update_heatmap
+
+    parser = argparse.ArgumentParser(
+        prog="vitlora inspect", description="Config, classes and per-layer update norms and ranks of an adapter."
+    )
+    parser.add_argument("adapter", type=Path)
+    parser.add_argument("--plot", type=Path, help="write a blocks x targets heatmap of update norms (.png)")
+    args = parser.parse_args(argv)
+    with exit_on_bad_input("inspect"):
+        summary = inspect_adapter(args.adapter)
+        print(summary)
+        if args.plot:
+            print(f"wrote {write_update_heatmap(summary, args.plot)}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,21 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Path:
+    """Fails before any work on an output that cannot be written: a wrong suffix, a missing folder.
+
+    Slow exports call it first, so a typo costs nothing (atomic_write itself would create the folder).
+    """
+    path = Path(path)
+    if path.suffix not in suffixes:
+        raise ValueError(f"{path}: the output must end in {' or '.join(suffixes)}.")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: the output folder {path.parent} does not exist.")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not a file to write.")
+    return path
+
+
 def _shareable_mode(target: Path) -> int:
     if target.exists():
         return target.stat().st_mode & 0o777

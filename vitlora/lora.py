@@ -25,6 +25,7 @@ from vitlora.targets import (
     classifier_names,
     classifier_prefixes,
     find_lora_sites,
+    input_shape,
     restore_fused_qkv_routing,
     route_fused_qkv_through_module,
 )
@@ -316,9 +317,9 @@ def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
 @torch.no_grad()
 def check_lora_in_forward(model: nn.Module, layer_type: type[nn.Module] = LoRALinear) -> None:
     """Raises if a forward pass does not call every ``layer_type`` layer (skipped when the input size is unknown)."""
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)  # hybrid ViTs: the CNN's
-    if img_size is None or stem is None or stem.weight.device.type == "meta":
+    shape = input_shape(model)
+    like = next(model.parameters(), None)
+    if shape is None or like is None or like.device.type == "meta":
         return
     called: set[str] = set()
     names = {module: name for name, module in model.named_modules() if isinstance(module, layer_type)}
@@ -326,7 +327,7 @@ def check_lora_in_forward(model: nn.Module, layer_type: type[nn.Module] = LoRALi
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        model(stem.weight.new_zeros(1, stem.in_channels, *img_size))
+        model(like.new_zeros(1, *shape))
     finally:
         for module, training in modes.items():
             module.training = training

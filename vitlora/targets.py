@@ -121,6 +121,33 @@ def _fused_parts(path: str, linear: nn.Linear, parts: Sequence[str]) -> LoRASite
     return LoRASite(path, linear, tuple(parts), slices)
 
 
+def update_labels(layer: str, targets: Sequence[str]) -> tuple[str, ...]:
+    """The updates a LoRA layer at state-dict path ``layer`` carries, in the order of its A/B blocks.
+
+    Lets an adapter file be read without building its model: a fused ``qkv`` carries one
+    update per chosen projection (``("q", "v")``) unless ``qkv`` itself is the target,
+    ``q_proj`` carries ``q``, and any other layer is labelled by its own name (``fc1_g``).
+    """
+    name = layer.rsplit(".", 1)[-1]
+    if name == "qkv" and "qkv" not in targets:
+        return tuple(t for t in PROJECTIONS if t in targets)
+    if name in {f"{t}_proj" for t in PROJECTIONS}:
+        return (name[0],)
+    return (name,)
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """``(channels, height, width)`` of the images the model takes, or None when it does not say.
+
+    Height and width come from the patch embedding, channels from the first convolution
+    (a hybrid ViT's CNN stem, else the patch projection)."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if img_size is None or stem is None:
+        return None
+    return (stem.in_channels, *img_size)
+
+
 def classifier_names(model: nn.Module) -> tuple[str, ...]:
     """The classifier heads an adapter trains and ships (DeiT-distilled has two)."""
     return tuple(name for name in CLASSIFIER_NAMES if isinstance(getattr(model, name, None), nn.Module))

@@ -1,0 +1,136 @@
+"""What an adapter file holds and how strongly it changes each layer, read from the file alone.
+
+Every LoRA update is ``scale * B A``; on a fused ``qkv`` each chosen projection has its own
+rank-r block of ``A`` and ``B``. No base weights are needed: the size and shape of an update
+depend on ``A`` and ``B`` only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vitlora.adapter import Adapter, AdapterError, read_adapter
+from vitlora.files import atomic_write, check_output_path
+from vitlora.lora import is_lora_name
+from vitlora.report import heatmap_image
+from vitlora.targets import VALID_TARGETS, update_labels
+
+SHOWN_CLASSES = 5
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """One low-rank update ``scale * B_t A_t``: its block, target and singular values (descending)."""
+
+    block: int
+    target: str
+    layer: str
+    singular_values: tuple[float, ...]
+
+    @property
+    def frobenius_norm(self) -> float:
+        return math.sqrt(sum(s * s for s in self.singular_values))
+
+    @property
+    def effective_rank(self) -> float:
+        """``exp(H(p))`` with ``p_i = s_i / sum(s)`` the normalised singular values (Roy & Vetterli, 2007).
+
+        k equal non-zero singular values give exactly k; a dominant direction gives close to
+        1; a zero update gives 0. Unlike a thresholded count it shows how evenly the rank
+        budget is used.
+        """
+        total = sum(self.singular_values)
+        if total == 0:
+            return 0.0
+        shares = [s / total for s in self.singular_values if s > 0]
+        return math.exp(-sum(p * math.log(p) for p in shares))
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    adapter: Adapter
+    file_size: int
+    lora_parameters: int
+    head_parameters: int
+    updates: list[UpdateStats]
+
+    def __str__(self) -> str:
+        a, config = self.adapter, self.adapter.config
+        names = a.class_names or [str(i) for i in range(a.num_classes)]
+        shown = ", ".join(names[:SHOWN_CLASSES]) + (", ..." if len(names) > SHOWN_CLASSES else "")
+        lines = [
+            f"adapter    {a.path} ({self.file_size / 1e3:.1f} KB)",
+            f"base model {a.model_name or '?'} (architecture {a.architecture or '?'}), kwargs {a.model_kwargs}",
+            f"base       fingerprint {a.base_fingerprint[:16]}",
+            f"config     rank {config.rank}, alpha {config.alpha:g}, scaling {config.scaling:g}, "
+            f"targets {','.join(config.targets)}, blocks {'all' if config.blocks is None else list(config.blocks)}, "
+            f"dropout {config.dropout:g}, rslora {config.use_rslora}",
+            f"classes    {a.num_classes}: {shown}",
+            f"trainable  {self.lora_parameters:,} LoRA + {self.head_parameters:,} head "
+            f"= {self.lora_parameters + self.head_parameters:,}",
+            "",
+            f"{'block':>5}  {'target':<6} {'rank':>4} {'||dW||_F':>10} {'sigma_max':>10} {'eff.rank':>8}",
+        ]
+        lines += [
+            f"{u.block:>5}  {u.target:<6} {len(u.singular_values):>4} {u.frobenius_norm:>10.4g} "
+            f"{max(u.singular_values, default=0.0):>10.4g} {u.effective_rank:>8.2f}"
+            for u in self.updates
+        ]
+        lines.append("eff.rank: exp(entropy) of the normalised singular values of scale*B*A (0 for no update)")
+        return "\n".join(lines)
+
+
+def inspect_adapter(path: str | os.PathLike) -> AdapterSummary:
+    """Config, classes, parameter counts and per-layer update statistics of an adapter file."""
+    adapter = read_adapter(path)
+    lora = sum(t.numel() for key, t in adapter.tensors.items() if is_lora_name(key))
+    head = sum(t.numel() for key, t in adapter.tensors.items() if not is_lora_name(key))
+    return AdapterSummary(adapter, adapter.path.stat().st_size, lora, head, _update_stats(adapter))
+
+
+def _update_stats(adapter: Adapter) -> list[UpdateStats]:
+    """Singular values of each update from the r x r core ``R_B R_A^T`` (QR of B and A^T): exact, never dense."""
+    rank, updates = adapter.config.rank, []
+    for key in sorted(k for k in adapter.tensors if k.endswith(".lora_A")):
+        layer = key.removesuffix(".lora_A")
+        down, up = adapter.tensors[key].double(), adapter.tensors.get(f"{layer}.lora_B")
+        labels = update_labels(layer, adapter.config.targets)
+        parts = len(labels)
+        block = layer.split(".")[1] if layer.startswith("blocks.") else ""
+        if (
+            not parts
+            or up is None
+            or not block.isdigit()
+            or down.shape[0] != parts * rank
+            or up.shape[1] != rank
+            or up.shape[0] % parts
+        ):
+            raise AdapterError(adapter.path, f"{layer}: LoRA tensors do not fit {parts} update(s) of rank {rank}.")
+        for label, b, a in zip(labels, up.double().chunk(parts), down.chunk(parts), strict=True):
+            core = torch.linalg.qr(b).R @ torch.linalg.qr(a.T).R.T
+            values = (adapter.config.scaling * torch.linalg.svdvals(core)).tolist()
+            updates.append(UpdateStats(int(block), label, layer, tuple(values)))
+    return sorted(updates, key=lambda u: (u.block, VALID_TARGETS.index(u.target.split("_")[0]), u.target))
+
+
+def write_update_heatmap(summary: AdapterSummary, path: str | os.PathLike) -> Path:
+    """A PNG of ``||dW||_F`` per block (rows) and target (columns), shaded relative to the largest.
+
+    Blocks between adapted ones are drawn grey, so a gap in ``LoRAConfig.blocks`` shows."""
+    path = check_output_path(path, (".png",))
+    blocks = list(range(max((u.block for u in summary.updates), default=-1) + 1))
+    targets = list(dict.fromkeys(u.target for u in summary.updates))
+    values = torch.full((len(blocks), len(targets)), float("nan"))
+    for u in summary.updates:
+        values[blocks.index(u.block), targets.index(u.target)] = u.frobenius_norm
+    largest = float(values.nan_to_num(0.0).max()) if values.numel() else 0.0
+    title = f"||dW||_F per block and target, darkest = {largest:.3g}"
+    image = heatmap_image(values / (largest or 1.0), title, [f"block {b}" for b in blocks], targets, cell=16)
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
