@@ -28,7 +28,13 @@ from torch import nn
 from vitlora.files import atomic_write
 from vitlora.lora import LoRAConfig, inject_lora, lora_config, lora_modules
 from vitlora.prompts import PromptConfig, add_prompt_tokens, check_promptable, prompt_config, remove_prompt_tokens
-from vitlora.targets import LoRASite, classifier_names, find_lora_sites, restore_fused_qkv_routing
+from vitlora.targets import (
+    LoRASite,
+    classifier_names,
+    classifier_prefixes,
+    find_lora_sites,
+    restore_fused_qkv_routing,
+)
 from vitlora.trainable import (
     adapter_state_dict,
     bias_tuning_enabled,
@@ -343,7 +349,12 @@ class _Snapshot:
 
     def __init__(self, model: nn.Module, sites: list[LoRASite], bias_tuning: bool) -> None:
         self.linears = {site.path: site.linear for site in sites}
-        self.biases = {n: p.detach().clone() for n, p in model.named_parameters() if bias_tuning and is_bias_name(n)}
+        heads = classifier_prefixes(model)  # restored as whole modules
+        self.biases = {
+            n: p.detach().clone()
+            for n, p in model.named_parameters()
+            if bias_tuning and is_bias_name(n) and not n.startswith(heads)
+        }
         self.heads = {name: getattr(model, name) for name in classifier_names(model)}
         self.num_classes = getattr(model, "num_classes", None)
         self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
