@@ -1,4 +1,4 @@
-"""The README's Python example runs as written (offline: pretrained weights become random)."""
+"""The README's Python examples run as written (offline: pretrained weights become random)."""
 
 import re
 from pathlib import Path
@@ -22,12 +22,15 @@ def test_readme_python_example_runs(monkeypatch):
         return model
 
     monkeypatch.setattr(timm, "create_model", offline_create_model)
-    code = blocks[0]
-    namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)
-    deployed = namespace["deployed"]
+    namespaces = [{} for _ in blocks]
+    for code, namespace in zip(blocks, namespaces, strict=True):
+        exec(compile(code, str(README), "exec"), namespace)
+    deployed = namespaces[0]["deployed"]
     assert deployed.num_classes == 3
     assert not any("lora_" in key for key in deployed.state_dict())
+    vpt, trained = namespaces[1]["vpt"], namespaces[1]["model"].eval()  # prompts, biases and head from the file
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(vpt(x), trained(x)) and vpt.blocks[-1].prompt.tokens.shape == (8, 192)
 
 
 def test_ci_runs_the_readme_test_command():

@@ -206,7 +206,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, verify: bool = True) ->
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Drops every LoRA layer without merging: the base model back, all trainable as timm makes it."""
+    """Drops every LoRA layer without merging: the base model back (prompt tokens stay), all trainable."""
     return _replace_lora_layers(model, merge=False)
 
 
@@ -216,7 +216,7 @@ def _wrap(site: LoRASite, config: LoRAConfig) -> LoRALinear:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Folds every update into its base weight, leaving a plain timm model, all trainable."""
+    """Folds every update into its base weight, leaving a plain timm model (plus any prompt tokens), all trainable."""
     if not lora_modules(model):
         raise ValueError(f"{type(model).__name__} has no LoRA layers to merge.")
     return _replace_lora_layers(model, merge=True)
