@@ -129,6 +129,7 @@ def test_fingerprint_ignores_dtype_lora_and_head_but_not_other_weights():
     assert base_fingerprint(tiny_model(num_classes=9)) == fingerprint
     assert base_fingerprint(tiny_model().to(torch.bfloat16)) == fingerprint
     assert base_fingerprint(inject_lora(tiny_model(), LoRAConfig())) == fingerprint
+    assert base_fingerprint(add_prompt_tokens(tiny_model(), PromptConfig(2, deep=True))) == fingerprint
     assert base_fingerprint(tiny_model(seed=1)) != fingerprint
     nudged = tiny_model()
     with torch.no_grad():
@@ -208,6 +209,13 @@ def corrupt_foreign_safetensors(path):
     save_file({"w": torch.zeros(2)}, path)
 
 
+def corrupt_version_1_without_lora(path):
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    del meta["lora_config"]
+    rewrite(path, metadata=meta)
+
+
 def corrupt_config(path):
     with safe_open(path, "pt") as handle:
         meta = handle.metadata()
@@ -224,6 +232,7 @@ def corrupt_config(path):
         (corrupt_not_safetensors, "not a readable safetensors file"),
         (corrupt_foreign_safetensors, "not a vitlora adapter"),
         (corrupt_config, "invalid metadata.*rank"),
+        (corrupt_version_1_without_lora, r"metadata is missing \['lora_config'\]"),
     ],
 )
 def test_bad_files_raise_a_clear_error_and_leave_the_model_unchanged(tmp_path, corrupt, message):
