@@ -127,8 +127,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
     model = getattr(model, "_orig_mod", model)
     unshipped = [name for name, p in model.named_parameters() if p.requires_grad and not is_adapter_key(model, name)]
     if unshipped:
+        examples = ", ".join(unshipped[:3]) + (", ..." if len(unshipped) > 3 else "")
         raise ValueError(
-            f"{len(unshipped)} trainable parameters ({', '.join(unshipped[:3])}, ...) are no part of an adapter, "
+            f"{len(unshipped)} trainable parameters ({examples}) are no part of an adapter, "
             "which ships LoRA, prompt tokens, tuned biases and the head(s): adapt the model with inject_lora, "
             "add_prompt_tokens or enable_bias_tuning (or call freeze_base for a linear probe) before training."
         )
@@ -145,7 +146,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
             raise ValueError(f"Got {len(class_names)} class names for a model with {num_classes} classes.")
     header = {
         "format": FORMAT,
-        "format_version": LORA_ONLY_VERSION if config and not prompt and not bias_tuning else FORMAT_VERSION,
+        "format_version": LORA_ONLY_VERSION
+        if config is not None and prompt is None and not bias_tuning
+        else FORMAT_VERSION,
         "architecture": architecture_of(model) or "",
         "model_name": metadata.pop("model_name", None) or default_model_name(model) or "",
         "num_classes": str(num_classes),
