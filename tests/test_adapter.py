@@ -9,14 +9,21 @@ from safetensors.torch import load_file, save_file
 from vitlora import (
     AdapterError,
     LoRAConfig,
+    PromptConfig,
+    add_prompt_tokens,
     base_fingerprint,
     build_model_with_adapter,
+    enable_bias_tuning,
+    freeze_base,
     inject_lora,
     load_adapter,
+    merge_lora,
+    prompt_config,
     read_adapter,
     save_adapter,
 )
 from vitlora.lora import lora_modules
+from vitlora.trainable import bias_tuning_enabled
 
 CLASSES = ["apple", "banana", "carrot", "dates", "eggplant"]
 
@@ -41,6 +48,9 @@ class ModelState:
         self.modules = [(n, id(m), m.training) for n, m in model.named_modules()]
         self.grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self.num_classes = model.num_classes
+        self.prefix_tokens = getattr(model, "num_prefix_tokens", None)
+        self.hooks = [len(m._forward_pre_hooks) for m in model.modules()]
+        self.bias_tuning = bias_tuning_enabled(model)
         self.output = model(images())
 
     def assert_unchanged(self, model):
@@ -50,6 +60,9 @@ class ModelState:
         assert all(torch.equal(v, self.state[k]) for k, v in model.state_dict().items())
         assert {n: p.requires_grad for n, p in model.named_parameters()} == self.grad
         assert model.num_classes == self.num_classes
+        assert getattr(model, "num_prefix_tokens", None) == self.prefix_tokens
+        assert [len(m._forward_pre_hooks) for m in model.modules()] == self.hooks
+        assert bias_tuning_enabled(model) == self.bias_tuning
         assert torch.equal(model(images()), self.output)
 
 
@@ -102,9 +115,13 @@ def test_class_names_must_match_num_classes(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_saving_a_model_without_lora_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="inject_lora"):
-        save_adapter(tiny_model(), tmp_path / "a.safetensors")
+def test_saving_a_model_that_trains_weights_outside_the_adapter_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"no part of an adapter.*inject_lora.*freeze_base"):
+        save_adapter(tiny_model(), tmp_path / "a.safetensors")  # every weight trainable: a full fine-tune
+    merged = merge_lora(inject_lora(tiny_model(), LoRAConfig()))
+    with pytest.raises(ValueError, match=r"30 trainable parameters \(cls_token, pos_embed, .*\) are no part"):
+        save_adapter(merged, tmp_path / "a.safetensors")
+    assert not list(tmp_path.iterdir())
 
 
 def test_fingerprint_ignores_dtype_lora_and_head_but_not_other_weights():
@@ -113,6 +130,7 @@ def test_fingerprint_ignores_dtype_lora_and_head_but_not_other_weights():
     assert base_fingerprint(tiny_model(num_classes=9)) == fingerprint
     assert base_fingerprint(tiny_model().to(torch.bfloat16)) == fingerprint
     assert base_fingerprint(inject_lora(tiny_model(), LoRAConfig())) == fingerprint
+    assert base_fingerprint(add_prompt_tokens(tiny_model(), PromptConfig(2, deep=True))) == fingerprint
     assert base_fingerprint(tiny_model(seed=1)) != fingerprint
     nudged = tiny_model()
     with torch.no_grad():
@@ -215,6 +233,13 @@ def corrupt_foreign_safetensors(path):
     save_file({"w": torch.zeros(2)}, path)
 
 
+def corrupt_version_1_without_lora(path):
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    del meta["lora_config"]
+    rewrite(path, metadata=meta)
+
+
 def corrupt_config(path):
     with safe_open(path, "pt") as handle:
         meta = handle.metadata()
@@ -231,6 +256,7 @@ def corrupt_config(path):
         (corrupt_not_safetensors, "not a readable safetensors file"),
         (corrupt_foreign_safetensors, "not a vitlora adapter"),
         (corrupt_config, "invalid metadata.*rank"),
+        (corrupt_version_1_without_lora, r"metadata is missing \['lora_config'\]"),
     ],
 )
 def test_bad_files_raise_a_clear_error_and_leave_the_model_unchanged(tmp_path, corrupt, message):
@@ -345,3 +371,194 @@ def test_build_model_with_adapter_names_the_file_and_the_problem(tmp_path, metad
     path = save_adapter(model, tmp_path / "a.safetensors", **metadata)
     with pytest.raises(AdapterError, match=rf"a\.safetensors: {message}"):
         build_model_with_adapter(path)
+
+
+# --- prompt tokens, tuned biases, adapters without LoRA -----------------------------------------
+
+
+def adapt(model, lora=None, prompt=None, bias_tuning=False):
+    """Adapts ``model`` as asked (a linear probe when nothing is), with every adapter tensor moved off its init."""
+    if lora is not None:
+        inject_lora(model, lora)
+        randomize_lora(model)
+    if prompt is not None:
+        add_prompt_tokens(model, prompt)
+    if bias_tuning:
+        enable_bias_tuning(model)
+    freeze_base(model)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and "lora_" not in name:
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+COMBINATIONS = {
+    "lora+prompt": dict(lora=LoRAConfig(rank=2), prompt=PromptConfig(num_tokens=2)),
+    "lora+deep_prompt+bias": dict(lora=LoRAConfig(rank=2), prompt=PromptConfig(3, deep=True), bias_tuning=True),
+    "linear+prompt": dict(prompt=PromptConfig(num_tokens=2, deep=True)),
+    "linear+bias": dict(bias_tuning=True),
+    "lora+bias": dict(lora=LoRAConfig(rank=2, targets=("q", "v", "fc1")), bias_tuning=True),
+    "linear": dict(),
+}
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+@pytest.mark.parametrize(
+    "name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch14_reg4_dinov2"]
+)
+def test_every_combination_round_trips_to_identical_logits(tmp_path, name, combination):
+    config = COMBINATIONS[combination]
+    model = adapt(tiny_model(name), **config)
+    path = save_adapter(model, tmp_path / "a.safetensors", class_names=CLASSES)
+    adapter = read_adapter(path)
+    assert (adapter.config, adapter.prompt, adapter.bias_tuning) == (
+        config.get("lora"),
+        config.get("prompt"),
+        config.get("bias_tuning", False),
+    )
+    plain = tiny_model(name, num_classes=1000)
+    loaded = load_adapter(plain, path)
+    assert torch.equal(loaded(images()), model(images()))
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == set(adapter.tensors)
+    assert prompt_config(loaded) == config.get("prompt") and bias_tuning_enabled(loaded) == bool(
+        config.get("bias_tuning")
+    )
+
+
+def test_eva_with_lora_and_tuned_q_v_biases_round_trips(tmp_path):
+    model = adapt(tiny_model("eva02_tiny_patch14_224"), lora=LoRAConfig(rank=2), bias_tuning=True)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    assert {"blocks.0.attn.q_bias", "blocks.0.attn.v_bias"} <= set(read_adapter(path).tensors)
+    loaded = load_adapter(tiny_model("eva02_tiny_patch14_224"), path)
+    assert torch.equal(loaded(images()), model(images()))
+
+
+def test_format_version_1_for_pure_lora_and_2_for_the_new_features(tmp_path):
+    versions = {}
+    for label, config in {"lora": dict(lora=LoRAConfig(rank=2)), **COMBINATIONS}.items():
+        path = save_adapter(adapt(tiny_model(), **config), tmp_path / f"{label}.safetensors")
+        with safe_open(path, "pt") as handle:
+            meta = handle.metadata()
+        versions[label] = meta["format_version"]
+        assert ("lora_config" in meta) == ("lora" in config)
+        if "prompt" in config:
+            assert PromptConfig(**json.loads(meta["prompt_config"])) == config["prompt"]
+        assert meta.get("bias_tuning") == ("true" if config.get("bias_tuning") else None)
+    assert versions == {"lora": "1", **{label: "2" for label in COMBINATIONS}}
+
+
+def test_a_newer_format_version_is_refused_by_name(tmp_path):
+    _, path = trained_adapter(tmp_path)
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    rewrite(path, metadata={**meta, "format_version": "3"})
+    with pytest.raises(AdapterError, match=r"format version '3' is not supported.*versions 1 and 2"):
+        read_adapter(path)
+
+
+def test_bias_tuned_adapters_fingerprint_the_base_without_its_biases(tmp_path):
+    model = adapt(tiny_model(), lora=LoRAConfig(rank=2), bias_tuning=True)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    plain = tiny_model()
+    assert read_adapter(path).base_fingerprint == base_fingerprint(plain, exclude_biases=True)
+    assert base_fingerprint(plain, exclude_biases=True) != base_fingerprint(plain)
+    other_biases = tiny_model()  # biases are shipped: the base's own values do not matter
+    with torch.no_grad():
+        other_biases.blocks[0].attn.qkv.bias.add_(1.0)
+    assert torch.equal(load_adapter(other_biases, path)(images()), model(images()))
+    other_weights = tiny_model()
+    with torch.no_grad():
+        other_weights.blocks[0].attn.qkv.weight[0, 0] += 0.01
+    with pytest.raises(AdapterError, match="base weights differ"):
+        load_adapter(other_weights, path)
+
+
+def corrupt_prompt_shape(path):
+    rewrite(path, {**load_file(path), "blocks.1.prompt.tokens": torch.zeros(2, 64)})
+
+
+def corrupt_missing_bias(path):
+    tensors = load_file(path)
+    del tensors["blocks.1.mlp.fc2.bias"]
+    rewrite(path, tensors)
+
+
+def corrupt_bias_flag(path):
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    rewrite(path, metadata={**meta, "bias_tuning": '"yes"'})
+
+
+def corrupt_prompt_config(path):
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    rewrite(path, metadata={**meta, "prompt_config": json.dumps({"num_tokens": 0})})
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (corrupt_prompt_shape, r"misshapen: blocks\.1\.prompt\.tokens \(2, 64\) != \(3, 64\)"),
+        (corrupt_missing_bias, r"missing: blocks\.1\.mlp\.fc2\.bias"),
+        (corrupt_bias_flag, "'bias_tuning' is '\"yes\"', not true or false"),
+        (corrupt_prompt_config, "invalid metadata.*num_tokens"),
+    ],
+)
+def test_bad_prompt_and_bias_files_leave_the_model_unchanged(tmp_path, corrupt, message):
+    model = adapt(tiny_model(), **COMBINATIONS["lora+deep_prompt+bias"])
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    corrupt(path)
+    plain = tiny_model(num_classes=1000)
+    before = ModelState(plain)
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(plain, path)
+    before.assert_unchanged(plain)
+
+
+def test_a_failure_after_the_biases_were_copied_restores_their_values(tmp_path, monkeypatch):
+    import vitlora.adapter
+
+    path = save_adapter(adapt(tiny_model(), **COMBINATIONS["lora+deep_prompt+bias"]), tmp_path / "a.safetensors")
+    copy_then_fail = vitlora.adapter.copy_adapter_tensors
+
+    def interrupted(expected, adapter):
+        copy_then_fail(expected, adapter)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vitlora.adapter, "copy_adapter_tensors", interrupted)
+    plain = tiny_model(num_classes=1000)
+    before = ModelState(plain)
+    with pytest.raises(KeyboardInterrupt):
+        load_adapter(plain, path)
+    before.assert_unchanged(plain)
+
+
+def test_prompt_tokens_onto_a_rotary_model_are_an_adapter_error(tmp_path):
+    path = save_adapter(adapt(tiny_model(), prompt=PromptConfig(2)), tmp_path / "a.safetensors")
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    rewrite(path, metadata={**meta, "architecture": ""})  # past the architecture check, to the prompt check
+    eva = tiny_model("eva02_tiny_patch14_224")
+    before = ModelState(eva)
+    with pytest.raises(AdapterError, match="prompt tokens do not fit this model: Eva applies rotary"):
+        load_adapter(eva, path, check_base=False)
+    before.assert_unchanged(eva)
+
+
+@pytest.mark.parametrize(
+    ("adapted", "message"),
+    [
+        (lambda m: add_prompt_tokens(m, PromptConfig(2)), "already has prompt tokens"),
+        (enable_bias_tuning, "already has bias tuning"),
+    ],
+    ids=["prompts", "bias_tuning"],
+)
+def test_an_adapted_model_is_refused(tmp_path, adapted, message):
+    path = save_adapter(adapt(tiny_model(), prompt=PromptConfig(2)), tmp_path / "a.safetensors")
+    model = adapted(tiny_model())
+    before = ModelState(model)
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(model, path, check_base=False)
+    before.assert_unchanged(model)

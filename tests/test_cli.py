@@ -88,12 +88,7 @@ def test_export_gives_an_adapter_that_reproduces_the_module(workspace, lora_run,
     module = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True).eval()
     plain = create_backbone("vit_tiny_patch16_224", 1000, weights=workspace / "base.safetensors", img_size=32, **TINY)
     model = load_adapter(plain, adapter_path).eval()
-    x = torch.stack(
-        [
-            eval_transform("vit_tiny_patch16_224", 32)(load_rgb(p))
-            for p in sorted((workspace / "data" / "val").rglob("*.png"))
-        ]
-    )
+    x = val_images(workspace)
     assert torch.equal(model(x), module(x))
 
 
@@ -111,6 +106,43 @@ def test_dora_and_lora_plus_options_fit_and_export(workspace):
     model = load_adapter(plain, adapter_path).eval()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert torch.equal(model(x), module(x))
+
+
+def val_images(workspace):
+    transform = eval_transform("vit_tiny_patch16_224", 32)
+    return torch.stack([transform(load_rgb(p)) for p in sorted((workspace / "data" / "val").rglob("*.png"))])
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("lora", ["--model.prompt.num_tokens", "4", "--model.prompt.deep", "true", "--model.bias_tuning", "true"]),
+        ("linear", ["--model.prompt.num_tokens", "2"]),
+    ],
+    ids=["lora+deep_prompt+bias", "linear+prompt"],
+)
+def test_prompt_and_bias_options_train_export_and_reload(workspace, method, options):
+    name = f"{method}_prompt"
+    folder = run(workspace, "fit", method=method, name=name, options=options)
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    assert any(".prompt.tokens" in key for key in torch.load(ckpt, weights_only=True)["state_dict"])
+    adapter_path = workspace / f"{name}.safetensors"
+    main(["export", "--ckpt_path", str(ckpt), "--output", str(adapter_path)])
+    adapter = read_adapter(adapter_path)
+    assert adapter.prompt.num_tokens == int(options[1]) and adapter.bias_tuning == ("--model.bias_tuning" in options)
+    assert (adapter.config is None) == (method == "linear")
+    module = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True).eval()
+    plain = create_backbone("vit_tiny_patch16_224", 1000, weights=workspace / "base.safetensors", img_size=32, **TINY)
+    model = load_adapter(plain, adapter_path).eval()
+    assert torch.equal(model(val_images(workspace)), module(val_images(workspace)))
+
+
+def test_a_full_run_has_no_adapter_to_export(workspace):
+    ckpt = workspace / "runs" / "full" / "version_0" / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():  # test_fit_other_methods made it already
+        run(workspace, "fit", method="full", name="full")
+    with pytest.raises(SystemExit, match="'full' run trains every weight"):
+        main(["export", "--ckpt_path", str(ckpt), "--output", str(workspace / "full.safetensors")])
 
 
 def test_classify_writes_top_k_and_reports_unreadable_images(workspace, fruit_adapter):

@@ -8,6 +8,7 @@ from vitlora.backbone import WeightsUnavailable, create_backbone
 from vitlora.data import ImageDataModule
 from vitlora.lora import LoRAConfig, lora_modules
 from vitlora.module import ImageClassifier, warmup_cosine
+from vitlora.prompts import PromptConfig, prompt_config
 
 TINY = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
 
@@ -89,6 +90,50 @@ def test_each_method_trains_the_right_parameters(method, trainable):
         kinds = {"lora" if "lora_" in n else "head" if n.startswith("head.") else "other" for n in names}
         assert kinds == trainable
     assert bool(lora_modules(model.model)) == (method == "lora")
+
+
+def kinds(model):
+    names = {n for n, p in model.model.named_parameters() if p.requires_grad}
+    return {"lora" if "lora_" in n else "prompt" if ".prompt." in n else n.rsplit(".", 1)[-1] for n in names}
+
+
+@pytest.mark.parametrize(
+    ("method", "trainable"), [("lora", {"lora", "prompt", "weight", "bias"}), ("linear", {"prompt", "weight", "bias"})]
+)
+def test_prompt_tokens_and_bias_tuning_join_lora_or_linear(method, trainable):
+    model = classifier(method, prompt=PromptConfig(num_tokens=2, deep=True), bias_tuning=True)
+    assert kinds(model) == trainable  # "weight" only from the head
+    assert {n for n, p in model.model.named_parameters() if p.requires_grad and n.endswith("weight")} == {"head.weight"}
+    assert prompt_config(model.model) == PromptConfig(num_tokens=2, deep=True)
+    assert model.hparams.prompt == {"num_tokens": 2, "deep": True, "init_std": 0.02} and model.hparams.bias_tuning
+
+
+@pytest.mark.parametrize("extra", [{"prompt": PromptConfig()}, {"bias_tuning": True}])
+def test_full_fine_tuning_refuses_prompts_and_bias_tuning(extra):
+    with pytest.raises(ValueError, match="'full' already trains every weight and bias"):
+        classifier("full", **extra)
+
+
+def test_prompt_and_bias_checkpoint_holds_them_restores_and_resumes(tmp_path, images):
+    model = classifier("linear", prompt=PromptConfig(num_tokens=2, deep=True), bias_tuning=True)
+    before = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    trainer(tmp_path, max_epochs=1).fit(model, datamodule(images))
+    groups = model.trainer.optimizers[0].param_groups
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay[id(model.model.blocks[1].prompt.tokens)] == decay[id(model.model.blocks[0].attn.qkv.bias)] == 0.0
+    assert decay[id(model.model.head.weight)] > 0
+    moved = {n for n, p in model.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {n for n, p in model.model.named_parameters() if p.requires_grad}  # each trained, base untouched
+
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == {f"model.{n}" for n in moved}
+    assert {"model.blocks.1.prompt.tokens", "model.blocks.0.norm1.bias"} <= checkpoint["state_dict"].keys()
+    restored = ImageClassifier.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(restored(x), model.eval()(x))
+    resumed = classifier("linear", prompt=PromptConfig(num_tokens=2, deep=True), bias_tuning=True)
+    trainer(tmp_path, max_epochs=2).fit(resumed, datamodule(images), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.trainer.global_step == 6
 
 
 def test_optimizer_groups_and_schedule(tmp_path, images):

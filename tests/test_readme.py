@@ -30,6 +30,9 @@ def test_readme_python_example_runs(monkeypatch):
     assert not any("lora_" in key for key in deployed.state_dict())
     assert namespace["mixed"].num_classes == [3, 1000, 3, 1000]
     torch.testing.assert_close(namespace["fruit_logits"], deployed(namespace["batch"]), rtol=1e-4, atol=1e-4)
+    vpt, trained = namespace["vpt"], namespace["vpt_model"].eval()  # prompts, biases and head from the file
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(vpt(x), trained(x)) and vpt.blocks[-1].prompt.tokens.shape == (8, 192)
 
 
 def test_ci_runs_the_readme_test_command():

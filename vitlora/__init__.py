@@ -1,4 +1,5 @@
-"""vitlora: LoRA for timm Vision Transformers, with exact merges and shareable adapter files."""
+"""vitlora: LoRA, visual prompt tokens and bias tuning for timm Vision Transformers, with exact merges
+and shareable adapter files."""
 
 __version__ = "0.1.0"
 
@@ -15,9 +16,6 @@ from vitlora.inspection import AdapterSummary, UpdateStats, inspect_adapter, wri
 from vitlora.lora import (
     LoRAConfig,
     LoRALinear,
-    ParameterCount,
-    adapter_state_dict,
-    count_parameters,
     inject_lora,
     lora_config,
     merge_lora,
@@ -25,6 +23,14 @@ from vitlora.lora import (
 )
 from vitlora.merge import ExportError, export_onnx, merge_adapter
 from vitlora.multi import MixedLogits, MultiAdapter
+from vitlora.prompts import PromptConfig, add_prompt_tokens, prompt_config, remove_prompt_tokens
+from vitlora.trainable import (
+    ParameterCount,
+    adapter_state_dict,
+    count_parameters,
+    enable_bias_tuning,
+    freeze_base,
+)
 
 __all__ = [
     "Adapter",
@@ -36,21 +42,27 @@ __all__ = [
     "MixedLogits",
     "MultiAdapter",
     "ParameterCount",
+    "PromptConfig",
     "UpdateStats",
     "__version__",
     "adapter_state_dict",
+    "add_prompt_tokens",
     "base_fingerprint",
     "build_model_with_adapter",
     "count_parameters",
+    "enable_bias_tuning",
     "export_onnx",
+    "freeze_base",
     "inject_lora",
     "inspect_adapter",
     "load_adapter",
     "lora_config",
     "merge_adapter",
     "merge_lora",
+    "prompt_config",
     "read_adapter",
     "remove_lora",
+    "remove_prompt_tokens",
     "save_adapter",
     "write_update_heatmap",
 ]

@@ -1,9 +1,12 @@
-"""Adapter files: one safetensors file with the LoRA tensors, the head and what they belong to.
+"""Adapter files: one safetensors file with what an adapter trains (LoRA, prompt tokens, tuned
+biases, the head) and what it belongs to.
 
-The file records the LoRA config, the timm model, the classes and a fingerprint of the
-frozen base weights, so an adapter is only ever loaded onto the base it was trained on.
-Loading validates everything first and rolls back on failure: a model is never left
-half-injected.
+The file records how the model was adapted (LoRA config, prompt config, bias tuning), the timm
+model, the classes and a fingerprint of the frozen base weights, so an adapter is only ever
+loaded onto the base it was trained on. Loading validates everything first and rolls back on
+failure: a model is never left half-adapted. Format version 1 is pure LoRA (what vitlora 0.1
+reads); files with prompt tokens, tuned biases or no LoRA are version 2, so older readers
+refuse them instead of silently dropping their prompts or biases.
 """
 
 from __future__ import annotations
@@ -25,13 +28,29 @@ from torch import nn
 
 from vitlora.backbone import create_backbone
 from vitlora.files import atomic_write
-from vitlora.lora import LoRAConfig, adapter_state_dict, inject_lora, lora_config, lora_modules
-from vitlora.targets import LoRASite, classifier_names, find_lora_sites, restore_fused_qkv_routing
+from vitlora.lora import LoRAConfig, inject_lora, lora_config, lora_modules
+from vitlora.prompts import PromptConfig, add_prompt_tokens, check_promptable, prompt_config, remove_prompt_tokens
+from vitlora.targets import (
+    LoRASite,
+    classifier_names,
+    classifier_prefixes,
+    find_lora_sites,
+    restore_fused_qkv_routing,
+)
+from vitlora.trainable import (
+    adapter_state_dict,
+    bias_tuning_enabled,
+    disable_bias_tuning,
+    enable_bias_tuning,
+    freeze_base,
+    is_adapter_key,
+    is_bias_name,
+)
 
 FORMAT = "vitlora.adapter"
-FORMAT_VERSION = "1"
+LORA_ONLY_VERSION, FORMAT_VERSION = "1", "2"
 _RESERVED = {
-    "format", "format_version", "lora_config", "architecture", "num_classes",
+    "format", "format_version", "lora_config", "prompt_config", "bias_tuning", "architecture", "num_classes",
     "base_fingerprint", "vitlora_version", "timm_version", "torch_version",
 }  # fmt: skip
 
@@ -46,16 +65,18 @@ class AdapterError(ValueError):
 
 @dataclass
 class Adapter:
-    """The decoded contents of an adapter file."""
+    """The decoded contents of an adapter file. ``config`` is the LoRA config, None without LoRA."""
 
     path: Path
-    config: LoRAConfig
+    config: LoRAConfig | None
     tensors: dict[str, torch.Tensor]
     num_classes: int
     architecture: str | None
     model_name: str | None
     class_names: list[str] | None
     base_fingerprint: str
+    prompt: PromptConfig | None = None
+    bias_tuning: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -77,11 +98,13 @@ def default_model_name(model: nn.Module) -> str | None:
     return f"{name}.{tag}" if name and tag else name
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the frozen base: every state-dict tensor except LoRA and classifier heads.
+def base_fingerprint(model: nn.Module, *, exclude_biases: bool = False) -> str:
+    """SHA-256 of the frozen base: every state-dict tensor the adapter does not ship.
 
-    Floating tensors are hashed as bfloat16, so the same weights held in float32 or bf16
-    match, while any real change of the base (another checkpoint, size or resolution) does not.
+    ``exclude_biases`` leaves the biases out as well, to check a plain model against an adapter
+    with tuned biases. Floating tensors are hashed as bfloat16, so the same weights held in
+    float32 or bf16 match, while any real change of the base (another checkpoint, size or
+    resolution) does not.
     """
     model = getattr(model, "_orig_mod", model)
     state = model.state_dict()
@@ -90,10 +113,9 @@ def base_fingerprint(model: nn.Module) -> str:
             "Cannot fingerprint float16 weights (fp16 -> bf16 double rounding changes them): "
             "load the base in float32 or bfloat16, load the adapter, then call .half()."
         )
-    adapter_keys = adapter_state_dict(model).keys()  # the base is everything an adapter does not ship
     digest = hashlib.sha256()
     for key, tensor in sorted(state.items()):
-        if key in adapter_keys:
+        if is_adapter_key(model, key) or (exclude_biases and is_bias_name(key)):
             continue
         tensor = tensor.detach()
         if tensor.is_floating_point():
@@ -105,14 +127,24 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
-    """Writes the model's LoRA tensors and head(s) to one safetensors file, atomically.
+    """Writes the model's adapter (LoRA, prompt tokens, tuned biases, head) to one safetensors file, atomically.
 
-    Recognised metadata: ``class_names`` (list, one per class) and ``model_name`` (full timm
-    name, defaulting to the model's pretrained config). Any other JSON-serialisable keyword
+    Refuses a model that trains parameters an adapter would not ship (a fully fine-tuned or merged
+    model). Recognised metadata: ``class_names`` (list, one per class) and ``model_name`` (full
+    timm name, defaulting to the model's pretrained config). Any other JSON-serialisable keyword
     is stored as well and comes back in ``Adapter.metadata``.
     """
     model = getattr(model, "_orig_mod", model)
-    config = lora_config(model)
+    unshipped = [name for name, p in model.named_parameters() if p.requires_grad and not is_adapter_key(model, name)]
+    if unshipped:
+        examples = ", ".join(unshipped[:3]) + (", ..." if len(unshipped) > 3 else "")
+        raise ValueError(
+            f"{len(unshipped)} trainable parameters ({examples}) are no part of an adapter, "
+            "which ships LoRA, prompt tokens, tuned biases and the head(s): adapt the model with inject_lora, "
+            "add_prompt_tokens or enable_bias_tuning (or call freeze_base for a linear probe) before training."
+        )
+    config = lora_config(model) if lora_modules(model) else None
+    prompt, bias_tuning = prompt_config(model), bias_tuning_enabled(model)
     clash = _RESERVED & metadata.keys()
     if clash:
         raise ValueError(f"Metadata keys {sorted(clash)} are written by vitlora itself.")
@@ -124,8 +156,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
             raise ValueError(f"Got {len(class_names)} class names for a model with {num_classes} classes.")
     header = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "lora_config": config.to_json(),
+        "format_version": LORA_ONLY_VERSION
+        if config is not None and prompt is None and not bias_tuning
+        else FORMAT_VERSION,
         "architecture": architecture_of(model) or "",
         "model_name": metadata.pop("model_name", None) or default_model_name(model) or "",
         "num_classes": str(num_classes),
@@ -134,6 +167,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
         "timm_version": timm.__version__,
         "torch_version": torch.__version__,
     }
+    if config is not None:
+        header["lora_config"] = config.to_json()
+    if prompt is not None:
+        header["prompt_config"] = prompt.to_json()
+    if bias_tuning:
+        header["bias_tuning"] = "true"
     if class_names is not None:
         header["class_names"] = json.dumps(class_names)
     header.update({key: json.dumps(value) for key, value in metadata.items()})
@@ -157,17 +196,27 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         raise AdapterError(path, f"not a readable safetensors file ({error}).") from error
     if header.get("format") != FORMAT:
         raise AdapterError(path, f"not a vitlora adapter (metadata 'format' is {header.get('format')!r}).")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(path, f"adapter format version {header.get('format_version')!r} is not supported.")
-    missing = {"lora_config", "num_classes", "base_fingerprint"} - header.keys()
+    version = header.get("format_version")
+    if version not in (LORA_ONLY_VERSION, FORMAT_VERSION):
+        raise AdapterError(
+            path,
+            f"adapter format version {version!r} is not supported (this vitlora reads versions "
+            f"{LORA_ONLY_VERSION} and {FORMAT_VERSION}).",
+        )
+    required = {"num_classes", "base_fingerprint"} | ({"lora_config"} if version == LORA_ONLY_VERSION else set())
+    missing = required - header.keys()
     if missing:
         raise AdapterError(path, f"metadata is missing {sorted(missing)}.")
     try:
-        config = LoRAConfig.from_json(header["lora_config"])
+        config = LoRAConfig.from_json(header["lora_config"]) if "lora_config" in header else None
+        prompt = PromptConfig.from_json(header["prompt_config"]) if "prompt_config" in header else None
+        bias_tuning = json.loads(header.get("bias_tuning", "false"))
         num_classes = int(header["num_classes"])
         class_names = json.loads(header["class_names"]) if "class_names" in header else None
     except (ValueError, TypeError) as error:
         raise AdapterError(path, f"invalid metadata ({error}).") from error
+    if not isinstance(bias_tuning, bool):
+        raise AdapterError(path, f"metadata 'bias_tuning' is {header['bias_tuning']!r}, not true or false.")
     if class_names is not None and (
         not isinstance(class_names, list)
         or len(class_names) != num_classes
@@ -187,6 +236,8 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         model_name=header.get("model_name") or None,
         class_names=class_names,
         base_fingerprint=header["base_fingerprint"],
+        prompt=prompt,
+        bias_tuning=bias_tuning,
         metadata=extra,
     )
 
@@ -200,7 +251,7 @@ def _decode(value: str) -> Any:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
-    """Injects LoRA into a plain timm model per the file's config and loads its tensors and head.
+    """Adapts a plain timm model as the file says (LoRA, prompt tokens, bias tuning) and loads its tensors.
 
     The classifier is resized to the adapter's classes when needed. Raises
     :class:`AdapterError` for a foreign architecture, other base weights (by fingerprint;
@@ -233,12 +284,23 @@ def build_model_with_adapter(
 def _attach(model: nn.Module, adapter: Adapter, check_base: bool) -> nn.Module:
     check_compatible(model, adapter, check_base)
     sites = lora_sites_for(model, adapter)
-    snapshot = _Snapshot(model, sites)
+    if adapter.prompt is not None:
+        try:
+            check_promptable(model)
+        except ValueError as error:
+            raise AdapterError(adapter.path, f"its prompt tokens do not fit this model: {error}") from error
+    snapshot = _Snapshot(model, sites, adapter.bias_tuning)
     try:
-        with callers_rng_kept(model):  # injecting draws random A
+        with callers_rng_kept(model):  # injecting draws random A and tokens
             if getattr(model, "num_classes", None) != adapter.num_classes:
                 reset_classifier_like(model, adapter.num_classes)
-            inject_lora(model, adapter.config)
+            if adapter.config is not None:
+                inject_lora(model, adapter.config)
+            if adapter.prompt is not None:
+                add_prompt_tokens(model, adapter.prompt)
+            if adapter.bias_tuning:
+                enable_bias_tuning(model)
+            freeze_base(model)  # a head-only adapter is a linear probe
         copy_adapter_tensors(adapter_state_dict(model), adapter)
     except BaseException:
         snapshot.restore(model)
@@ -247,7 +309,9 @@ def _attach(model: nn.Module, adapter: Adapter, check_base: bool) -> nn.Module:
 
 
 def lora_sites_for(model: nn.Module, adapter: Adapter) -> list[LoRASite]:
-    """The layers the adapter's config targets on this model, or an AdapterError naming the file."""
+    """The layers the adapter's LoRA config targets on this model (none without LoRA), or an AdapterError."""
+    if adapter.config is None:
+        return []
     try:
         return find_lora_sites(model, adapter.config.targets, adapter.config.blocks)
     except ValueError as error:
@@ -272,9 +336,20 @@ def reset_classifier_like(model: nn.Module, num_classes: int) -> None:
 
 
 def check_compatible(model: nn.Module, adapter: Adapter, check_base: bool) -> None:
-    """Refuses a model with LoRA layers, another architecture or (with ``check_base``) other base weights."""
-    if lora_modules(model):
-        raise AdapterError(adapter.path, "the model already has LoRA layers; load onto a plain timm model.")
+    """Refuses an already adapted model, another architecture or (with ``check_base``) other base weights."""
+    adapted = [
+        label
+        for label, present in (
+            ("LoRA layers", lora_modules(model)),
+            ("prompt tokens", prompt_config(model)),
+            ("bias tuning", bias_tuning_enabled(model)),
+        )
+        if present
+    ]
+    if adapted:
+        raise AdapterError(
+            adapter.path, f"the model already has {' and '.join(adapted)}; load onto a plain timm model."
+        )
     architecture = architecture_of(model)
     if adapter.architecture and architecture and adapter.architecture != architecture:
         raise AdapterError(
@@ -282,7 +357,7 @@ def check_compatible(model: nn.Module, adapter: Adapter, check_base: bool) -> No
             f"adapter is for architecture {adapter.architecture!r}, the model is {architecture!r}.",
         )
     if check_base:
-        fingerprint = base_fingerprint(model)
+        fingerprint = base_fingerprint(model, exclude_biases=adapter.bias_tuning)
         if fingerprint != adapter.base_fingerprint:
             raise AdapterError(
                 adapter.path,
@@ -318,10 +393,17 @@ def copy_adapter_tensors(expected: dict[str, torch.Tensor], adapter: Adapter) ->
 
 
 class _Snapshot:
-    """What load_adapter may change: the wrapped modules, heads, num_classes, modes, requires_grad."""
+    """What load_adapter may change: the wrapped modules, prompt tokens, bias tuning and bias values,
+    heads, num_classes, modes, requires_grad."""
 
-    def __init__(self, model: nn.Module, sites: list[LoRASite]) -> None:
+    def __init__(self, model: nn.Module, sites: list[LoRASite], bias_tuning: bool) -> None:
         self.linears = {site.path: site.linear for site in sites}
+        heads = classifier_prefixes(model)  # restored as whole modules
+        self.biases = {
+            n: p.detach().clone()
+            for n, p in model.named_parameters()
+            if bias_tuning and is_bias_name(n) and not n.startswith(heads)
+        }
         self.heads = {name: getattr(model, name) for name in classifier_names(model)}
         self.num_classes = getattr(model, "num_classes", None)
         self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -331,6 +413,12 @@ class _Snapshot:
         for path, linear in self.linears.items():
             model.set_submodule(path, linear)
         restore_fused_qkv_routing(model)
+        if prompt_config(model) is not None:
+            remove_prompt_tokens(model)
+        disable_bias_tuning(model)
+        with torch.no_grad():
+            for name, bias in self.biases.items():
+                model.get_parameter(name).copy_(bias)
         for name, head in self.heads.items():
             setattr(model, name, head)
         if self.num_classes is not None:

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def export_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
-        prog="vitlora export", description="Write a LoRA checkpoint as a vitlora adapter file."
+        prog="vitlora export", description="Write a lora or linear checkpoint as a vitlora adapter file."
     )
     parser.add_argument("--ckpt_path", required=True, type=Path)
     parser.add_argument("--output", required=True, type=Path)
@@ -101,8 +101,8 @@ def export_adapter(ckpt_path: Path, output: Path, weights: str | None = None) ->
             f"{error} The checkpoint rebuilds its frozen base from it: pass --weights BASE_FILE."
         ) from error
     hp = module.hparams
-    if hp.method != "lora":
-        raise SystemExit(f"{ckpt_path}: a {hp.method!r} run has no LoRA adapter to export.")
+    if hp.method == "full":
+        raise SystemExit(f"{ckpt_path}: a 'full' run trains every weight; it has no adapter to export.")
     model_kwargs = dict(hp.model_kwargs or {})
     if hp.img_size:
         model_kwargs["img_size"] = hp.img_size

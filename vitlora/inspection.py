@@ -16,9 +16,9 @@ import torch
 
 from vitlora.adapter import Adapter, AdapterError, read_adapter
 from vitlora.files import atomic_write, check_output_path
-from vitlora.lora import is_lora_name
 from vitlora.report import heatmap_image
 from vitlora.targets import VALID_TARGETS, update_labels
+from vitlora.trainable import is_lora_name
 
 SHOWN_CLASSES = 5
 

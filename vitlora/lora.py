@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import pairwise
 
 import torch
@@ -22,13 +22,12 @@ from torch import nn
 from vitlora.targets import (
     VALID_TARGETS,
     LoRASite,
-    classifier_names,
-    classifier_prefixes,
     find_lora_sites,
     input_shape,
     restore_fused_qkv_routing,
     route_fused_qkv_through_module,
 )
+from vitlora.trainable import freeze_base
 
 
 @dataclass
@@ -259,7 +258,7 @@ def lora_config(model: nn.Module) -> LoRAConfig:
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig, *, verify: bool = True) -> nn.Module:
-    """Wraps the targeted projections in place, freezing all but LoRA and the classifier head.
+    """Wraps the targeted projections in place and freezes all but the adapter (LoRA, heads, prompts, biases).
 
     With ``verify`` a single no-grad forward pass on a dummy image checks that every LoRA
     layer is really called, so an attention that reads ``qkv.weight`` directly can never
@@ -270,12 +269,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, verify: bool = True) ->
     sites = find_lora_sites(model, config.targets, config.blocks)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
         for site in sites:
             model.set_submodule(site.path, _wrap(site, config))
-        for head in classifier_names(model):
-            getattr(model, head).requires_grad_(True)
+        freeze_base(model)
         route_fused_qkv_through_module(model)
         if verify:
             check_lora_in_forward(model)
@@ -290,7 +286,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, verify: bool = True) ->
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Drops every LoRA layer without merging: the base model back, all trainable as timm makes it."""
+    """Drops every LoRA layer without merging: the base model back (prompt tokens stay), all trainable."""
     return _replace_lora_layers(model, merge=False)
 
 
@@ -300,7 +296,7 @@ def _wrap(site: LoRASite, config: LoRAConfig) -> LoRALinear:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Folds every update into its base weight, leaving a plain timm model, all trainable."""
+    """Folds every update into its base weight, leaving a plain timm model (plus any prompt tokens), all trainable."""
     if not lora_modules(model):
         raise ValueError(f"{type(model).__name__} has no LoRA layers to merge.")
     return _replace_lora_layers(model, merge=True)
@@ -339,52 +335,3 @@ def check_lora_in_forward(model: nn.Module, layer_type: type[nn.Module] = LoRALi
             f"LoRA would have no effect on {skipped}: the model's forward pass never calls these "
             "modules (its attention reads their weights directly). Please report this model."
         )
-
-
-def is_lora_name(name: str) -> bool:
-    return "lora_" in name.rsplit(".", 1)[-1]
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything an adapter ships: the LoRA tensors and the classifier head(s), by state-dict key."""
-    heads = classifier_prefixes(model)
-    return {
-        key: tensor.detach() for key, tensor in model.state_dict().items() if is_lora_name(key) or key.startswith(heads)
-    }
-
-
-@dataclass(frozen=True)
-class ParameterCount:
-    trainable: int
-    total: int
-    by_group: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def trainable_fraction(self) -> float:
-        return self.trainable / self.total if self.total else 0.0
-
-    def __str__(self) -> str:
-        width = max(len(f"{self.total:,}"), 11)
-        lines = [f"{'group':<10} {'parameters':>{width}}"]
-        lines += [f"{group:<10} {count:>{width},}" for group, count in self.by_group.items()]
-        lines.append(f"{'trainable':<10} {self.trainable:>{width},}  ({100 * self.trainable_fraction:.3f}%)")
-        lines.append(f"{'total':<10} {self.total:>{width},}")
-        return "\n".join(lines)
-
-
-def count_parameters(model: nn.Module) -> ParameterCount:
-    """Trainable vs total parameters, split into lora / head / frozen / other-trainable groups."""
-    heads = classifier_prefixes(model)
-    groups = {"lora": 0, "head": 0, "other": 0, "frozen": 0}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            group = "frozen"
-        elif is_lora_name(name):
-            group = "lora"
-        elif name.startswith(heads):
-            group = "head"
-        else:
-            group = "other"
-        groups[group] += parameter.numel()
-    total = sum(groups.values())
-    return ParameterCount(total - groups["frozen"], total, {k: v for k, v in groups.items() if v or k != "other"})

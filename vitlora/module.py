@@ -1,8 +1,9 @@
 """The Lightning module: one timm backbone, three ways to adapt it, compared on equal terms.
 
-``method="lora"`` trains LoRA + head, ``"full"`` every weight, ``"linear"`` the head alone.
-Checkpoints of lora/linear runs hold only the trainable tensors (plus optimizer state); the
-frozen base is rebuilt from its source when a checkpoint is loaded.
+``method="lora"`` trains LoRA + head, ``"full"`` every weight, ``"linear"`` the head alone;
+prompt tokens (VPT) and bias tuning (BitFit) can join lora or linear. Checkpoints of
+lora/linear runs hold only the trainable tensors (plus optimizer state); the frozen base is
+rebuilt from its source when a checkpoint is loaded.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from torchmetrics.classification import (
 from vitlora.adapter import base_fingerprint
 from vitlora.backbone import create_backbone
 from vitlora.data import batches_seen
-from vitlora.lora import LoRAConfig, count_parameters, inject_lora, lora_modules
-from vitlora.targets import classifier_names, classifier_prefixes
+from vitlora.lora import LoRAConfig, inject_lora, lora_modules
+from vitlora.prompts import PromptConfig, add_prompt_tokens
+from vitlora.targets import classifier_prefixes
+from vitlora.trainable import count_parameters, enable_bias_tuning, freeze_base, is_prompt_name
 
 Method = Literal["lora", "full", "linear"]
 
@@ -37,6 +40,8 @@ class ImageClassifier(L.LightningModule):
         backbone: str = "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
         method: Method = "lora",
         lora: LoRAConfig = LoRAConfig(),  # noqa: B008 - a frozen default, never mutated
+        prompt: PromptConfig | None = None,
+        bias_tuning: bool = False,
         weights: str | None = None,
         pretrained: bool = True,
         num_classes: int | None = None,
@@ -57,11 +62,19 @@ class ImageClassifier(L.LightningModule):
         """``lr`` is for the adapted weights, ``head_lr`` (default ``lr``) for the new head.
         ``lora_plus_ratio`` (LoRA+, Hayou et al. 2024) trains every LoRA ``B`` at ``lr * ratio``,
         which learns faster than one rate for A and B; None or 1 is plain LoRA.
-        ``model_kwargs`` go to ``timm.create_model`` (tests use tiny configs). ``tta`` averages
-        the logits of each evaluation image and its mirror image."""
+        ``prompt`` adds prompt tokens and ``bias_tuning`` trains every bias, with method lora or
+        linear. ``model_kwargs`` go to ``timm.create_model`` (tests use tiny configs). ``tta``
+        averages the logits of each evaluation image and its mirror image."""
         super().__init__()
         if method not in ("lora", "full", "linear"):
             raise ValueError(f"method must be one of lora, full, linear; got {method!r}.")
+        if isinstance(prompt, dict):  # as stored in checkpoints
+            prompt = PromptConfig(**prompt)
+        if method == "full" and (prompt is not None or bias_tuning):
+            raise ValueError(
+                "method 'full' already trains every weight and bias: prompt tokens and bias tuning join "
+                "method lora or linear (a frozen backbone)."
+            )
         if class_names is not None:
             num_classes = num_classes or len(class_names)
             if len(class_names) != num_classes:
@@ -74,8 +87,9 @@ class ImageClassifier(L.LightningModule):
             lora = LoRAConfig(**lora)
         if weights:  # checkpoints rebuild the base from here: keep it valid from any working directory
             weights = str(Path(weights).resolve())
-        self.save_hyperparameters(ignore=["lora"])
+        self.save_hyperparameters(ignore=["lora", "prompt"])
         self.hparams["lora"] = asdict(lora)
+        self.hparams["prompt"] = asdict(prompt) if prompt is not None else None
         kwargs = dict(model_kwargs or {})
         if img_size:
             kwargs["img_size"] = img_size
@@ -85,9 +99,11 @@ class ImageClassifier(L.LightningModule):
         if method == "lora":
             inject_lora(self.model, lora)
         elif method == "linear":
-            self.model.requires_grad_(False)
-            for name in classifier_names(self.model):
-                getattr(self.model, name).requires_grad_(True)
+            freeze_base(self.model)
+        if prompt is not None:
+            add_prompt_tokens(self.model, prompt)
+        if bias_tuning:
+            enable_bias_tuning(self.model)
         metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
         if num_classes > 5:
             metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
@@ -173,7 +189,7 @@ class ImageClassifier(L.LightningModule):
         for name, parameter in self.model.named_parameters():
             if not parameter.requires_grad:
                 continue
-            decay = parameter.ndim > 1 and name not in no_decay_names
+            decay = parameter.ndim > 1 and name not in no_decay_names and not is_prompt_name(name)
             groups.setdefault((name.startswith(heads), decay, name in lora_B_names), []).append(parameter)
         param_groups = [
             {
