@@ -9,7 +9,17 @@ from PIL import Image, ImageChops
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vitlora import AdapterError, LoRAConfig, inject_lora, inspect_adapter, save_adapter, write_update_heatmap
+from vitlora import (
+    AdapterError,
+    LoRAConfig,
+    PromptConfig,
+    add_prompt_tokens,
+    enable_bias_tuning,
+    inject_lora,
+    inspect_adapter,
+    save_adapter,
+    write_update_heatmap,
+)
 from vitlora.lora import lora_modules
 from vitlora.report import heatmap_image
 
@@ -58,7 +68,7 @@ def test_known_updates_give_closed_form_norms_and_effective_ranks(known_adapter)
     assert ranks[0, "fc2"] == 0.0
     assert ranks[0, "v"] == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), rel=1e-6)
     per_block = 2 * 2 * 64 + 128 * 2 + 2 * 256 + 64 * 2  # fused q/v A and B, fc2 A and B
-    assert summary.lora_parameters == 2 * per_block and summary.head_parameters == 7 * 64 + 7
+    assert summary.parameters == {"lora": 2 * per_block, "prompt": 0, "bias": 0, "head": 7 * 64 + 7}
 
 
 def test_summary_prints_model_config_classes_counts_and_the_table(known_adapter):
@@ -66,7 +76,7 @@ def test_summary_prints_model_config_classes_counts_and_the_table(known_adapter)
     assert "base model vit_tiny_patch16_224 (architecture vit_tiny_patch16_224)" in text
     assert "rank 2, alpha 4, scaling 2, targets q,v,fc2, blocks all" in text
     assert "classes    7: apple, banana, cherry, dates, eggplant, ..." in text
-    assert f"trainable  {2 * 1152:,} LoRA + 455 head = {2 * 1152 + 455:,}" in text
+    assert f"trainable  {2 * 1152:,} lora + 455 head = {2 * 1152 + 455:,}" in text
     assert "KB)" in text and str(known_adapter) in text
     rows = [line.split() for line in text.splitlines() if line[:5].strip().isdigit()]
     assert rows[0] == ["0", "q", "2", "6", "6", "1.00"]
@@ -126,3 +136,13 @@ def test_bad_files_name_the_file_and_the_problem(known_adapter, tmp_path):
         inspect_adapter(tmp_path / "broken.safetensors")
     with pytest.raises(FileNotFoundError, match=r"output folder .*nowhere does not exist"):
         write_update_heatmap(inspect_adapter(known_adapter), tmp_path / "nowhere" / "updates.png")
+
+
+def test_an_adapter_without_lora_reports_its_prompts_biases_and_head(tmp_path):
+    model = enable_bias_tuning(add_prompt_tokens(tiny_model(num_classes=3), PromptConfig(num_tokens=2, deep=True)))
+    summary = inspect_adapter(save_adapter(model, tmp_path / "vpt.safetensors"))
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias") and not n.startswith("head"))
+    assert summary.parameters == {"lora": 0, "prompt": 2 * 2 * 64, "bias": biases, "head": 3 * 64 + 3}
+    assert summary.updates == []
+    text = str(summary)
+    assert "lora       none" in text and "deep=True" in text and "bias tuning True" in text

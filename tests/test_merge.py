@@ -10,7 +10,18 @@ from conftest import IMG_SIZE, images, randomize_lora, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vitlora import AdapterError, ExportError, LoRAConfig, export_onnx, inject_lora, merge_adapter, save_adapter
+from vitlora import (
+    AdapterError,
+    ExportError,
+    LoRAConfig,
+    PromptConfig,
+    add_prompt_tokens,
+    enable_bias_tuning,
+    export_onnx,
+    inject_lora,
+    merge_adapter,
+    save_adapter,
+)
 from vitlora import merge as merge_module
 
 TINY = {"img_size": IMG_SIZE, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
@@ -148,3 +159,24 @@ def test_onnx_export_refuses_what_it_cannot_write_or_check(tmp_path, monkeypatch
     with pytest.raises(ExportError, match=r"model\.onnx: ONNX export needs onnxruntime: pip install 'vitlora\[onnx\]'"):
         export_onnx(tiny_model(), tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dora_and_bias_tuned_adapter_merges_into_a_plain_timm_model(tmp_path):
+    save_file(tiny_model(num_classes=1000).state_dict(), tmp_path / "base.safetensors")
+    model = enable_bias_tuning(inject_lora(tiny_model(), LoRAConfig(rank=4, use_dora=True)))
+    randomize_lora(model)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.bias.add_(0.5)
+    path = save_adapter(model, tmp_path / "a.safetensors", model_name="vit_tiny_patch16_224", model_kwargs=TINY)
+    out = merge_adapter(path, tmp_path / "model.safetensors", weights=tmp_path / "base.safetensors")
+    deployed, meta = fresh_timm_model(out)
+    torch.testing.assert_close(deployed(images(3)), model(images(3)), atol=1e-5, rtol=0)
+    assert meta["bias_tuning"] == "true"
+
+
+def test_prompt_tokens_cannot_become_a_plain_timm_model_and_nothing_is_written(tmp_path):
+    model = add_prompt_tokens(tiny_model(), PromptConfig(num_tokens=2))
+    path = save_adapter(model, tmp_path / "vpt.safetensors", model_name="vit_tiny_patch16_224", model_kwargs=TINY)
+    with pytest.raises(AdapterError, match=r"vpt\.safetensors: its prompt tokens have no place in a plain timm"):
+        merge_adapter(path, tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors").exists()

@@ -6,7 +6,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vitlora import AdapterError, LoRAConfig, MixedLogits, MultiAdapter, inject_lora, load_adapter, save_adapter
+from vitlora import (
+    AdapterError,
+    LoRAConfig,
+    MixedLogits,
+    MultiAdapter,
+    PromptConfig,
+    add_prompt_tokens,
+    enable_bias_tuning,
+    freeze_base,
+    inject_lora,
+    load_adapter,
+    save_adapter,
+)
 from vitlora.multi import RoutedLoRALinear
 from vitlora.targets import classifier_names
 
@@ -253,10 +265,30 @@ def test_gradient_checkpointing_is_refused_rather_than_silently_dropping_the_rou
         assert multi(images(len(ROUTES)), ROUTES).logits.shape == (7, 6)
 
 
-def test_a_dora_adapter_is_refused_with_its_file_named(tmp_path):
-    model = inject_lora(tiny_model(), LoRAConfig(rank=2, use_dora=True))
-    path = save_adapter(model, tmp_path / "dora.safetensors")
+@pytest.mark.parametrize(
+    ("adapt", "message"),
+    [
+        (lambda m: inject_lora(m, LoRAConfig(rank=2, use_dora=True)), "DoRA magnitudes"),
+        (lambda m: add_prompt_tokens(m, PromptConfig(num_tokens=2)), "prompt tokens"),
+        (lambda m: enable_bias_tuning(inject_lora(m, LoRAConfig(rank=2))), "tuned biases"),
+    ],
+    ids=["dora", "prompts", "bitfit"],
+)
+def test_adapters_that_change_the_shared_trunk_are_refused_with_the_file_named(tmp_path, adapt, message):
+    path = save_adapter(adapt(tiny_model()), tmp_path / "other.safetensors")
     multi = MultiAdapter(tiny_model())
-    with pytest.raises(AdapterError, match=r"dora\.safetensors: DoRA adapters cannot be routed"):
-        multi.add("dora", path)
+    with pytest.raises(AdapterError, match=rf"other\.safetensors: adapters with {message} cannot be routed"):
+        multi.add("other", path)
     assert not multi.adapters
+
+
+def test_a_linear_probe_adapter_is_just_a_routed_head(tmp_path):
+    probe = freeze_base(tiny_model(num_classes=3, seed=0))
+    with torch.no_grad():
+        probe.head.weight.normal_(0.0, 0.3)
+    path = save_adapter(probe, tmp_path / "probe.safetensors")
+    multi, _ = multi_with_tenants(tmp_path)
+    multi.add("probe", path)
+    routes = ["probe", "fruit", "probe", None]
+    mixed = multi.eval()(images(4), adapters=routes).per_sample()
+    torch.testing.assert_close(torch.stack([mixed[0], mixed[2]]), probe(images(4))[[0, 2]])

@@ -17,8 +17,8 @@ import torch
 from vitlora.adapter import Adapter, AdapterError, read_adapter
 from vitlora.files import atomic_write, check_output_path
 from vitlora.report import heatmap_image
-from vitlora.targets import VALID_TARGETS, update_labels
-from vitlora.trainable import is_lora_name
+from vitlora.targets import CLASSIFIER_NAMES, VALID_TARGETS, update_labels
+from vitlora.trainable import is_lora_name, is_prompt_name
 
 SHOWN_CLASSES = 5
 
@@ -55,8 +55,7 @@ class UpdateStats:
 class AdapterSummary:
     adapter: Adapter
     file_size: int
-    lora_parameters: int
-    head_parameters: int
+    parameters: dict[str, int]  # shipped tensors by group: lora, prompt, bias, head
     updates: list[UpdateStats]
 
     def __str__(self) -> str:
@@ -67,12 +66,16 @@ class AdapterSummary:
             f"adapter    {a.path} ({self.file_size / 1e3:.1f} KB)",
             f"base model {a.model_name or '?'} (architecture {a.architecture or '?'}), kwargs {a.model_kwargs}",
             f"base       fingerprint {a.base_fingerprint[:16]}",
-            f"config     rank {config.rank}, alpha {config.alpha:g}, scaling {config.scaling:g}, "
+            "lora       none"
+            if config is None
+            else f"lora       rank {config.rank}, alpha {config.alpha:g}, scaling {config.scaling:g}, "
             f"targets {','.join(config.targets)}, blocks {'all' if config.blocks is None else list(config.blocks)}, "
-            f"dropout {config.dropout:g}, rslora {config.use_rslora}",
+            f"dropout {config.dropout:g}, rslora {config.use_rslora}, dora {config.use_dora}",
+            f"prompts    {'none' if a.prompt is None else a.prompt}; bias tuning {a.bias_tuning}",
             f"classes    {a.num_classes}: {shown}",
-            f"trainable  {self.lora_parameters:,} LoRA + {self.head_parameters:,} head "
-            f"= {self.lora_parameters + self.head_parameters:,}",
+            "trainable  "
+            + " + ".join(f"{count:,} {group}" for group, count in self.parameters.items() if count)
+            + f" = {sum(self.parameters.values()):,}",
             "",
             f"{'block':>5}  {'target':<6} {'rank':>4} {'||dW||_F':>10} {'sigma_max':>10} {'eff.rank':>8}",
         ]
@@ -82,19 +85,32 @@ class AdapterSummary:
             for u in self.updates
         ]
         lines.append("eff.rank: exp(entropy) of the normalised singular values of scale*B*A (0 for no update)")
+        if config is not None and config.use_dora:
+            lines.append("DoRA: the rows shown are the directional update; the learned magnitudes rescale them")
         return "\n".join(lines)
 
 
 def inspect_adapter(path: str | os.PathLike) -> AdapterSummary:
     """Config, classes, parameter counts and per-layer update statistics of an adapter file."""
     adapter = read_adapter(path)
-    lora = sum(t.numel() for key, t in adapter.tensors.items() if is_lora_name(key))
-    head = sum(t.numel() for key, t in adapter.tensors.items() if not is_lora_name(key))
-    return AdapterSummary(adapter, adapter.path.stat().st_size, lora, head, _update_stats(adapter))
+    parameters = dict.fromkeys(("lora", "prompt", "bias", "head"), 0)
+    for key, tensor in adapter.tensors.items():
+        parameters[_group(key)] += tensor.numel()
+    return AdapterSummary(adapter, adapter.path.stat().st_size, parameters, _update_stats(adapter))
+
+
+def _group(key: str) -> str:
+    if is_lora_name(key):
+        return "lora"
+    if is_prompt_name(key):
+        return "prompt"
+    return "head" if key.startswith(tuple(f"{name}." for name in CLASSIFIER_NAMES)) else "bias"
 
 
 def _update_stats(adapter: Adapter) -> list[UpdateStats]:
     """Singular values of each update from the r x r core ``R_B R_A^T`` (QR of B and A^T): exact, never dense."""
+    if adapter.config is None:
+        return []
     rank, updates = adapter.config.rank, []
     for key in sorted(k for k in adapter.tensors if k.endswith(".lora_A")):
         layer = key.removesuffix(".lora_A")

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vitlora.adapter import Adapter, build_model_with_adapter
+from vitlora.adapter import Adapter, AdapterError, build_model_with_adapter, read_adapter
 from vitlora.files import atomic_write, check_output_path
-from vitlora.lora import merge_lora
+from vitlora.lora import lora_modules, merge_lora
 from vitlora.targets import input_shape
 
 FORMATS = ("safetensors", "onnx")
@@ -60,8 +60,14 @@ def merge_adapter(
     output = check_output_path(output, (f".{format}",))
     if format == "onnx":
         _require_onnx_tools(output)  # before minutes of building and merging
+    if read_adapter(adapter_path).prompt is not None:
+        raise AdapterError(
+            adapter_path,
+            "its prompt tokens have no place in a plain timm model; keep them with load_adapter + merge_lora in torch.",
+        )
     model, adapter = build_model_with_adapter(adapter_path, weights)
-    merge_lora(model).eval()
+    if lora_modules(model):  # a linear probe or bias-tuned adapter has nothing to fold
+        merge_lora(model)
     metadata = merged_metadata(adapter)
     if format == "onnx":
         return export_onnx(model, output, metadata=metadata, tolerance=tolerance)
@@ -79,7 +85,8 @@ def merged_metadata(adapter: Adapter) -> dict[str, str]:
         "model_kwargs": json.dumps(adapter.model_kwargs),
         "num_classes": str(adapter.num_classes),
         "class_names": json.dumps(adapter.class_names or [str(i) for i in range(adapter.num_classes)]),
-        "lora_config": adapter.config.to_json(),
+        "lora_config": adapter.config.to_json() if adapter.config else "",
+        "bias_tuning": json.dumps(adapter.bias_tuning),
         "base_fingerprint": adapter.base_fingerprint,
         "adapter_file": adapter.path.name,
         "adapter_sha256": hashlib.sha256(adapter.path.read_bytes()).hexdigest(),

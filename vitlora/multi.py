@@ -166,9 +166,20 @@ class MultiAdapter(nn.Module):
         if name in self._adapters:
             raise ValueError(f"An adapter named {name!r} is already loaded: remove it first or pick another name.")
         adapter = read_adapter(path)
-        if adapter.config.use_dora:  # its magnitude rescales the shared base output per adapter
+        shared_trunk_changes = [
+            label
+            for label, present in (
+                ("DoRA magnitudes", adapter.config is not None and adapter.config.use_dora),
+                ("prompt tokens", adapter.prompt is not None),
+                ("tuned biases", adapter.bias_tuning),
+            )
+            if present
+        ]
+        if shared_trunk_changes:  # they change the shared trunk's own output, which routing cannot split
             raise AdapterError(
-                adapter.path, "DoRA adapters cannot be routed per sample yet; load it with load_adapter."
+                adapter.path,
+                f"adapters with {' and '.join(shared_trunk_changes)} cannot be routed per sample yet; "
+                "load it alone with load_adapter.",
             )
         check_compatible(self.model, adapter, check_base)
         sites = lora_sites_for(self.model, adapter)
