@@ -133,9 +133,13 @@ def compare_command(argv: list[str]) -> None:
     parser.add_argument("--recipes", nargs="+", type=Path, help="or recipes, one method each (named by file)")
     parser.add_argument("--methods", nargs="+", help="only these methods of --config, in this order")
     parser.add_argument("--output", required=True, type=Path, help="a new folder for the report and the runs")
-    parser.add_argument("--budget.max_epochs", dest="max_epochs", type=int, help="epochs for every method")
-    parser.add_argument("--budget.limit_train_batches", dest="limit_train_batches", type=_batches)
-    parser.add_argument("--budget.limit_val_batches", dest="limit_val_batches", type=_batches, help="val and test")
+    limits = parser.add_argument_group("budget", "a shorter run, the same for every method")
+    limits.add_argument("--budget.max_epochs", dest="max_epochs", type=int, metavar="N")
+    batches = {"type": _batches, "metavar": "N|FRACTION"}
+    limits.add_argument(
+        "--budget.limit_train_batches", dest="limit_train_batches", help="10, or 0.25 of them", **batches
+    )
+    limits.add_argument("--budget.limit_val_batches", dest="limit_val_batches", help="val and test batches", **batches)
     parser.add_argument("--latency-rounds", type=int, default=10, help="interleaved inference timing rounds")
     args, shared_args = parser.parse_known_args(argv)
     if (args.config is None) == (args.recipes is None):

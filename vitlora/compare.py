@@ -253,7 +253,7 @@ def compare_methods(
     if not methods:
         raise ValueError("Nothing to compare: no methods given.")
     check_same_setup(methods)
-    if output.exists() and any(output.iterdir()):
+    if output.is_file() or (output.is_dir() and any(output.iterdir())):
         raise ValueError(f"{output}: already holds files; choose a new --output so that runs never mix.")
     settings = {
         "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -440,7 +440,13 @@ def report_charts(results: Sequence[MethodResult]) -> dict[str, Image.Image]:
     }
 
 
-def _markdown(output, results, settings, environment, reading) -> Iterator[str]:
+def _markdown(
+    output: Path,
+    results: Sequence[MethodResult],
+    settings: Mapping[str, Any],
+    environment: Mapping[str, Any],
+    reading: list[str],
+) -> Iterator[str]:
     done = [r for r in results if r.ok]
     with_test = any(r.test for r in done)
     yield f"# Comparison: {' vs '.join(r.name for r in results)}"
@@ -485,7 +491,8 @@ def _markdown(output, results, settings, environment, reading) -> Iterator[str]:
     yield ""
     yield (
         "Step: one training batch (forward, backward, optimizer), median after warm-up; images/s includes "
-        f"data loading. Peak memory: {' / '.join(kinds)} of the training process. Checkpoint: last.ckpt "
+        f"data loading. Peak memory: {' / '.join(kinds)} of the training process (not its data-loading "
+        "workers). Checkpoint: last.ckpt "
         "(trainable tensors and optimizer state). Latency: one forward pass on a batch of "
         f"{' / '.join(map(str, batches))} val images, median of {settings['latency_rounds']} interleaved rounds "
         "with the base model (the backbone without any adapter), in eval mode and the training precision; "

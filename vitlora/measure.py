@@ -185,6 +185,8 @@ def measure_method(result_path: Path, fit_args: list[str], latency_rounds: int =
         trainer.validate(module, datamodule=data)  # training stopped between two validations
         if checkpoint:
             trainer.save_checkpoint(checkpoint)
+    if not meter.validations:
+        raise SystemExit("No validation ran (is limit_val_batches 0?): a comparison scores every method on val.")
     if data.index.splits.get("test"):
         trainer.test(module, datamodule=data)
 
