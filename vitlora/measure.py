@@ -116,6 +116,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's thread count (oversubscribed threads slow small models by 10-100x)."""
+    return (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, torch threads: {torch.get_num_threads()}"
+    )
+
+
 def peak_memory(device: torch.device) -> tuple[float, str]:
     """MB and what they are: CUDA's max allocated on a GPU, else this process's peak resident set."""
     if device.type == "cuda":
@@ -228,9 +237,7 @@ def measure_method(result_path: Path, fit_args: list[str], latency_rounds: int =
         "latency_s": latency,
         "latency_batch": len(images),
         "fit_s": meter.fit_seconds,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu, torch threads: {torch.get_num_threads()}",
+        "device": device_name(device),
         "curve": meter.validations,
         "notes": notes,
     }
