@@ -5,24 +5,26 @@ vitlora export --ckpt_path runs/.../last.ckpt --output grocery.safetensors
 vitlora classify grocery.safetensors photos/ --output preds.csv [--weights BASE] [--top-k 5]
 vitlora merge grocery.safetensors --output model.safetensors [--format onnx] [--weights BASE]
 vitlora inspect grocery.safetensors [--plot updates.png]
+vitlora compare --config recipes/grocery_compare.yaml --output comparisons/grocery [--budget.max_epochs 1 ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from vitlora.data import ImageDataModule
 from vitlora.module import ImageClassifier
 from vitlora.predictions import PredictionWriter, top_k_rows, write_predictions
 
-EXTRA_COMMANDS = ("export", "classify", "merge", "inspect")
+EXTRA_COMMANDS = ("export", "classify", "merge", "inspect", "compare")
 
 
 class VitloraCLI(LightningCLI):
@@ -58,18 +60,28 @@ def main(argv: list[str] | None = None) -> None:
             "classify": classify_command,
             "merge": merge_command,
             "inspect": inspect_command,
+            "compare": compare_command,
         }
         commands[words[0]](words[1:])
         return
     if words[:1] in (["-h"], ["--help"]):
         print("Extra commands: " + ", ".join(f"vitlora {command} --help" for command in EXTRA_COMMANDS) + "\n")
-    VitloraCLI(
+    build_cli(argv)
+
+
+def build_cli(args: list[str] | None, *, run: bool = True, callbacks: Sequence[Callback] = ()) -> VitloraCLI:
+    """The CLI of ``vitlora fit`` and friends; ``run=False`` only parses and instantiates, for callers
+    (vitlora.measure) that drive the trainer themselves, with extra ``callbacks``."""
+    defaults = trainer_defaults()
+    defaults["callbacks"] += list(callbacks)
+    return VitloraCLI(
         ImageClassifier,
         ImageDataModule,
-        trainer_defaults=trainer_defaults(),
+        trainer_defaults=defaults,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
-        args=argv,
+        run=run,
+        args=args,
     )
 
 
@@ -113,6 +125,62 @@ def export_adapter(ckpt_path: Path, output: Path, weights: str | None = None) ->
         model_name=hp.backbone,
         model_kwargs=model_kwargs,
     )
+
+
+# --- compare ---------------------------------------------------------------------------------
+
+
+def compare_command(argv: list[str]) -> None:
+    from vitlora.compare import Budget, compare_methods, load_compare_config, methods_from_recipes
+
+    parser = argparse.ArgumentParser(
+        prog="vitlora compare",
+        description="Train several methods on the same backbone, data, epochs and seed; write one report.",
+        epilog="Any other --section.key value (e.g. --data.root DIR --model.weights FILE) goes to every method's fit.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", type=Path, help="a compare config: a recipe and named methods")
+    parser.add_argument("--recipes", nargs="+", type=Path, help="or recipes, one method each (named by file)")
+    parser.add_argument("--methods", nargs="+", help="only these methods of --config, in this order")
+    parser.add_argument("--output", required=True, type=Path, help="a new folder for the report and the runs")
+    limits = parser.add_argument_group("budget", "a shorter run, the same for every method")
+    limits.add_argument("--budget.max_epochs", dest="max_epochs", type=int, metavar="N")
+    batches = {"type": _batches, "metavar": "N|FRACTION"}
+    limits.add_argument(
+        "--budget.limit_train_batches", dest="limit_train_batches", help="10, or 0.25 of them", **batches
+    )
+    limits.add_argument("--budget.limit_val_batches", dest="limit_val_batches", help="val and test batches", **batches)
+    parser.add_argument("--latency-rounds", type=int, default=10, help="interleaved inference timing rounds")
+    args, shared_args = parser.parse_known_args(argv)
+    if (args.config is None) == (args.recipes is None):
+        parser.error("give either --config or --recipes.")
+    if args.methods and args.config is None:
+        parser.error("--methods selects from a --config.")
+    stray = [word for word in shared_args if word.startswith("-") and "." not in word.split("=")[0]]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    budget = Budget(args.max_epochs, args.limit_train_batches, args.limit_val_batches)
+    try:
+        methods = load_compare_config(args.config, args.methods) if args.config else methods_from_recipes(args.recipes)
+        results = compare_methods(
+            methods,
+            args.output,
+            shared_args=shared_args,
+            budget=budget,
+            latency_rounds=args.latency_rounds,
+            command=shlex.join(["vitlora", "compare", *argv]),
+        )
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
+    print(f"wrote {args.output / 'report.md'}")
+    failed = [result.name for result in results if not result.ok]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(results)} methods failed ({', '.join(failed)}): see the report.")
+
+
+def _batches(text: str) -> int | float:
+    """Lightning's limit_*_batches: a count of batches, or a fraction with a decimal point."""
+    return float(text) if "." in text else int(text)
 
 
 # --- classify --------------------------------------------------------------------------------
