@@ -21,6 +21,7 @@ from vitlora.lora import (
     merge_lora,
     remove_lora,
 )
+from vitlora.memory import SavedTensor, activation_bytes, saved_for_backward
 
 __all__ = [
     "Adapter",
@@ -28,7 +29,9 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "ParameterCount",
+    "SavedTensor",
     "__version__",
+    "activation_bytes",
     "adapter_state_dict",
     "base_fingerprint",
     "count_parameters",
@@ -39,4 +42,5 @@ __all__ = [
     "read_adapter",
     "remove_lora",
     "save_adapter",
+    "saved_for_backward",
 ]
