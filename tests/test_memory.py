@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import images, randomize_lora, tiny_model
 
-from vitlora import LoRAConfig, LoRALinear, inject_lora
+from vitlora import LoRAConfig, LoRALinear, activation_bytes, inject_lora, saved_for_backward
 from vitlora.lora import lora_modules
-from vitlora import activation_bytes, saved_for_backward
 
 PRECISIONS = {"fp32": nullcontext, "cpu-bf16-autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
 

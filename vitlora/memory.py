@@ -55,7 +55,9 @@ def saved_for_backward(model: nn.Module, *inputs: Any, **kwargs: Any) -> list[Sa
         storage = tensor.untyped_storage()
         pointer = storage.data_ptr()
         saved.append(
-            SavedTensor(running[-1], tuple(tensor.shape), tensor.dtype, pointer, storage.nbytes(), parameters.get(pointer))
+            SavedTensor(
+                running[-1], tuple(tensor.shape), tensor.dtype, pointer, storage.nbytes(), parameters.get(pointer)
+            )
         )
         return tensor
 
