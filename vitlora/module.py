@@ -8,7 +8,7 @@ frozen base is rebuilt from its source when a checkpoint is loaded.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +26,7 @@ from vitlora.adapter import base_fingerprint
 from vitlora.backbone import create_backbone
 from vitlora.data import batches_seen
 from vitlora.lora import LoRAConfig, count_parameters, inject_lora
-from vitlora.targets import classifier_names, classifier_prefixes
+from vitlora.targets import classifier_names, classifier_prefixes, last_blocks, modules_after_blocks, transformer_blocks
 
 Method = Literal["lora", "full", "linear"]
 
@@ -52,13 +52,26 @@ class ImageClassifier(L.LightningModule):
         drop_path_rate: float = 0.0,
         tta: bool = False,
         seed: int = 0,
+        gradient_checkpointing: bool = False,
+        train_last_blocks: int | None = None,
+        torch_compile: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         """``lr`` is for the adapted weights, ``head_lr`` (default ``lr``) for the new head.
         ``model_kwargs`` go to ``timm.create_model`` (tests use tiny configs). ``tta`` averages
-        the logits of each evaluation image and its mirror image."""
+        the logits of each evaluation image and its mirror image.
+
+        Memory and speed: ``gradient_checkpointing`` recomputes each block in backward instead
+        of keeping its activations. ``train_last_blocks=N`` adapts only the last N blocks (LoRA
+        in them, or for ``full`` them plus the final norm and head), so backward never runs
+        through the earlier ones. ``torch_compile`` compiles the backbone in place when a
+        Trainer sets the model up (checkpoint keys unchanged); ``compile_kwargs`` go to
+        ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``)."""
         super().__init__()
         if method not in ("lora", "full", "linear"):
             raise ValueError(f"method must be one of lora, full, linear; got {method!r}.")
+        if train_last_blocks is not None and method == "linear":
+            raise ValueError("train_last_blocks is for the lora and full methods; linear trains the head alone.")
         if class_names is not None:
             num_classes = num_classes or len(class_names)
             if len(class_names) != num_classes:
@@ -77,12 +90,26 @@ class ImageClassifier(L.LightningModule):
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
         self.model = create_backbone(backbone, num_classes, weights=weights, pretrained=pretrained, **kwargs)
+        if gradient_checkpointing:
+            self.model.set_grad_checkpointing()
         if method == "lora":
+            if train_last_blocks is not None:
+                if lora.blocks is not None:
+                    raise ValueError("Give either train_last_blocks or lora.blocks, not both.")
+                lora = replace(lora, blocks=last_blocks(self.model, train_last_blocks))
             inject_lora(self.model, lora)
         elif method == "linear":
             self.model.requires_grad_(False)
             for name in classifier_names(self.model):
                 getattr(self.model, name).requires_grad_(True)
+        elif train_last_blocks is not None:  # full fine-tuning of the last blocks, the final norm and the head
+            blocks = transformer_blocks(self.model)
+            self.model.requires_grad_(False)
+            for module in [
+                *(blocks[i] for i in last_blocks(self.model, train_last_blocks)),
+                *modules_after_blocks(self.model),
+            ]:
+                module.requires_grad_(True)
         metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
         if num_classes > 5:
             metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
@@ -98,6 +125,11 @@ class ImageClassifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def configure_model(self) -> None:
+        if self.hparams.torch_compile and not getattr(self, "_compiled", False):
+            self.model.compile(**(self.hparams.compile_kwargs or {}))  # in place: same module, same state-dict keys
+            self._compiled = True
 
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:
