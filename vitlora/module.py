@@ -162,7 +162,7 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
         logits = self.evaluation_logits(images)
-        self.log("val/loss", F.cross_entropy(logits.float(), targets), prog_bar=True)
+        self.log("val/loss", F.cross_entropy(logits.float(), targets), prog_bar=True, sync_dist=True)
         self.val_metrics.update(logits, targets)
         self.log_dict(self.val_metrics, prog_bar=True)
 
