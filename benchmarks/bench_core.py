@@ -26,7 +26,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from vitlora import LoRAConfig, count_parameters, inject_lora, merge_lora
+from vitlora import LoRAConfig, activation_bytes, count_parameters, inject_lora, merge_lora, saved_for_backward
 
 METHODS = ("full", "vitlora", "peft")
 
@@ -39,8 +39,11 @@ def build(method: str, args: argparse.Namespace) -> torch.nn.Module:
     elif method == "peft":
         import peft
 
+        last = getattr(args, "last_blocks", None)  # bench_gpu.py's option: the qkv of the last N blocks only
+        depth = len(model.blocks)
+        targets = rf"blocks\.({'|'.join(map(str, range(depth - last, depth)))})\.attn\.qkv" if last else ["qkv"]
         config = peft.LoraConfig(
-            r=args.rank, lora_alpha=2 * args.rank, target_modules=["qkv"], modules_to_save=["head"]
+            r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, modules_to_save=["head"]
         )
         model = peft.get_peft_model(model, config)
     return model.to(args.device)
@@ -77,19 +80,9 @@ def make_step(model, args):
 
 def saved_for_backward_bytes(model, args) -> int:
     """Unique storages autograd keeps for one training forward: the activation memory."""
-    seen: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(args):
-        out = model(x)
-    del out
-    return sum(n for ptr, n in seen.items() if ptr not in params)
+    with autocast(args):
+        return activation_bytes(saved_for_backward(model, x))
 
 
 def timed_rounds(functions: dict, rounds: int, device: str) -> dict[str, float]:

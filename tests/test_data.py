@@ -143,6 +143,21 @@ def test_training_order_and_augmentation_depend_only_on_seed_and_epoch(tmp_path)
     assert list(sampler) != epoch0 and sorted(i for i, _ in sampler) == list(range(10))
 
 
+@pytest.mark.parametrize("size", [12, 11])
+def test_ranks_share_one_order_so_a_global_batch_is_what_one_process_draws(size):
+    single = list(EpochShuffler(size, seed=3))
+    ranks = [EpochShuffler(size, seed=3, num_replicas=2, rank=r) for r in (0, 1)]
+    shares = [list(sampler) for sampler in ranks]
+    assert len(shares[0]) == len(shares[1]) == len(ranks[0]) == (size + 1) // 2
+    for step in range(size // 4):  # per-rank batch 2 == one process's batch 4
+        together = sorted(shares[0][2 * step : 2 * step + 2] + shares[1][2 * step : 2 * step + 2])
+        assert together == sorted(single[4 * step : 4 * step + 4]), step
+    assert sorted(shares[0] + shares[1]) == sorted(single + single[: 2 * len(shares[0]) - size])  # pads by repeats
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    assert [list(s) for s in ranks] != shares and all(epoch == 1 for s in ranks for _, epoch in s)
+
+
 def fake_trainer(training=True, batches=3):
     from types import SimpleNamespace
 

@@ -1,12 +1,14 @@
 import lightning as L
 import pytest
 import torch
-from conftest import REAL_WEIGHTS, make_image_folder
+import torch.nn.functional as F
+from conftest import REAL_WEIGHTS, make_image_folder, randomize_lora
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from vitlora import activation_bytes, read_adapter, saved_for_backward
 from vitlora.backbone import WeightsUnavailable, create_backbone
 from vitlora.data import ImageDataModule
-from vitlora.lora import LoRAConfig, lora_modules
+from vitlora.lora import LoRAConfig, lora_config, lora_modules
 from vitlora.module import ImageClassifier, warmup_cosine
 from vitlora.prompts import PromptConfig, prompt_config
 
@@ -222,6 +224,110 @@ def test_resume_continues_exactly(tmp_path, images, method):
     assert sorted(resumed.losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed.losses[step] == uninterrupted.losses[step], step
+
+
+def awake(module):
+    """A random head and LoRA B (both start at zero), so every trainable weight gets a gradient."""
+    with torch.no_grad():
+        module.model.head.weight.copy_(
+            torch.randn(module.model.head.weight.shape, generator=torch.Generator().manual_seed(3))
+        )
+    randomize_lora(module.model)
+    return module.train()
+
+
+def loss_and_gradients(module, x, y):
+    module.zero_grad()
+    loss = F.cross_entropy(module(x), y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+X, Y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_keeps_loss_and_gradients_and_keeps_less_for_backward(method):
+    plain, checkpointed = (awake(classifier(method, gradient_checkpointing=on)) for on in (False, True))
+    expected_loss, expected = loss_and_gradients(plain, X, Y)
+    loss, grads = loss_and_gradients(checkpointed, X, Y)
+    assert torch.equal(loss, expected_loss)
+    assert grads.keys() == expected.keys() == {n for n, p in plain.named_parameters() if p.requires_grad}
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    kept = activation_bytes(saved_for_backward(checkpointed.model, X))
+    assert kept < 0.5 * activation_bytes(saved_for_backward(plain.model, X))
+
+
+def gradients_reaching_first_block(module) -> list[torch.Tensor]:
+    """Fills with the gradient of block 0's output whenever a backward pass reaches it."""
+    reached = []
+
+    def watch(block, inputs, output):
+        if output.requires_grad:
+            output.register_hook(reached.append)
+
+    module.model.blocks[0].register_forward_hook(watch)
+    return reached
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_training_only_the_last_block_runs_no_backward_through_the_first(method):
+    for last, through_first in ((None, True), (1, False)):
+        module = awake(classifier(method, train_last_blocks=last))
+        reached = gradients_reaching_first_block(module)
+        in_first = [t for t in saved_for_backward(module.model, X) if f"{t.module}.".startswith("blocks.0.")]
+        _, grads = loss_and_gradients(module, X, Y)
+        assert bool(reached) == bool(in_first) == through_first, last
+        assert any(name.startswith("model.blocks.0.") for name in grads) == through_first
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    if method == "lora":
+        assert {n for n, _ in lora_modules(module.model)} == {"blocks.1.attn.qkv"}
+        assert lora_config(module.model).blocks == (1,) and module.hparams.lora["blocks"] is None
+    else:
+        assert {n.split(".")[0] for n in trainable} == {"blocks", "norm", "head"}
+        assert all(n.startswith("blocks.1.") for n in trainable if n.startswith("blocks"))
+
+
+def test_train_last_blocks_is_checked():
+    with pytest.raises(ValueError, match=r"either train_last_blocks or lora\.blocks"):
+        classifier(train_last_blocks=1, lora=LoRAConfig(blocks=[0]))
+    with pytest.raises(ValueError, match=r"last 3 blocks: this model has 2, choose 1\.\.2"):
+        classifier("full", train_last_blocks=3)
+    with pytest.raises(ValueError, match="linear trains the head alone"):
+        classifier("linear", train_last_blocks=1)
+
+
+COMPILED_GRAPHS = []
+
+
+@torch._dynamo.register_backend(name="vitlora_test_counting")
+def counting_backend(graph, example_inputs):
+    """Runs dynamo's graph eagerly (inductor would take minutes on this CPU) and counts it."""
+    COMPILED_GRAPHS.append(graph)
+    return graph.forward
+
+
+def test_torch_compile_trains_like_eager_with_unchanged_checkpoints_and_adapters(tmp_path, images):
+    from vitlora.cli import export_adapter
+
+    COMPILED_GRAPHS.clear()
+    runs = {}
+    for name, options in (("eager", {}), ("compiled", {"torch_compile": True})):
+        losses = LossRecorder()
+        module = classifier(compile_kwargs={"backend": "vitlora_test_counting"}, **options)
+        trainer(tmp_path / name, max_epochs=1, callbacks=[losses]).fit(module, datamodule(images))
+        assert bool(COMPILED_GRAPHS) == (name == "compiled")
+        adapter = read_adapter(export_adapter(tmp_path / name / "ckpt" / "last.ckpt", tmp_path / f"{name}.safetensors"))
+        checkpoint = torch.load(tmp_path / name / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+        runs[name] = losses.losses, checkpoint, adapter.tensors
+    (eager_losses, eager_state, eager_adapter), (losses, state, adapter) = runs["eager"], runs["compiled"]
+    assert sorted(losses) == [1, 2, 3] and len(set(losses.values())) == 3
+    torch.testing.assert_close(losses, eager_losses, atol=1e-6, rtol=1e-5)
+    assert state.keys() == eager_state.keys() and adapter.keys() == eager_adapter.keys()
+    torch.testing.assert_close(state, eager_state, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(adapter, eager_adapter, atol=1e-6, rtol=1e-5)
 
 
 def test_test_stage_writes_metrics_per_class_accuracy_and_confusion_png(tmp_path, images):

@@ -30,6 +30,7 @@ from vitlora.lora import (
     merge_lora,
     remove_lora,
 )
+from vitlora.memory import SavedTensor, activation_bytes, saved_for_backward
 from vitlora.merge import ExportError, export_onnx, merge_adapter
 from vitlora.multi import MixedLogits, MultiAdapter
 from vitlora.prompts import PromptConfig, add_prompt_tokens, prompt_config, remove_prompt_tokens
@@ -55,8 +56,10 @@ __all__ = [
     "MultiAdapter",
     "ParameterCount",
     "PromptConfig",
+    "SavedTensor",
     "UpdateStats",
     "__version__",
+    "activation_bytes",
     "adapter_state_dict",
     "add_prompt_tokens",
     "base_fingerprint",
@@ -80,5 +83,6 @@ __all__ = [
     "remove_lora",
     "remove_prompt_tokens",
     "save_adapter",
+    "saved_for_backward",
     "write_update_heatmap",
 ]

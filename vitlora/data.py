@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import random
 import warnings
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,7 @@ import lightning as L
 import numpy as np
 import timm.data
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import Compose, InterpolationMode, TrivialAugmentWide
 
 from vitlora.images import BadImage, load_rgb
@@ -277,23 +278,24 @@ class ImageDataset(Dataset):
         return self.transform(image), label
 
 
-class EpochShuffler(Sampler):
+class EpochShuffler(DistributedSampler):
     """A shuffle that depends only on ``(seed, epoch)``, so resumed runs see the same order.
 
-    Lightning calls ``set_epoch`` on the sampler each epoch."""
+    Under DDP every rank draws the same order and takes every ``num_replicas``-th index of it
+    (padded by repeats to equal shares), so the ranks' batches at one step hold exactly the
+    images one process would draw with their combined batch size. Being a DistributedSampler,
+    Lightning keeps it rather than wrapping it in a second shuffle; it calls ``set_epoch`` on
+    it each epoch."""
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        return iter([(i, self.epoch) for i in order.tolist()])
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        padding = self.total_size - len(order)
+        order += (order * math.ceil(padding / len(order)))[:padding]
+        return iter([(i, self.epoch) for i in order[self.rank :: self.num_replicas]])
 
 
 # --- the data module ---------------------------------------------------------------------------
@@ -422,11 +424,15 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self._datasets[split]
         hp = self.hparams
+        sampler = None
+        if train:  # this process's share under DDP (Lightning shards evaluation loaders itself)
+            world = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            sampler = EpochShuffler(len(dataset), hp.seed, *world)
         return DataLoader(
             dataset,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            sampler=EpochShuffler(len(dataset), hp.seed) if train else None,
-            drop_last=train and (len(dataset) > hp.batch_size or self.mixup_fn is not None),
+            sampler=sampler,
+            drop_last=train and (len(sampler) > hp.batch_size or self.mixup_fn is not None),
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -195,7 +195,11 @@ class LoRALinear(nn.Linear):
         return self.on_all_rows(self.lora_magnitude / norm, fill=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.linear(x, self.weight, self.bias)
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        if frozen and torch.is_grad_enabled():
+            base = _FrozenLinear.apply(x, self.weight, self.bias)
+        else:
+            base = F.linear(x, self.weight, self.bias)
         compact_B = self.compact_lora_B()
         x = self.lora_dropout(x)
         updated = add_lora_update(base, x, self.lora_A, self.on_all_rows(compact_B, fill=0.0), self.scaling)
@@ -243,6 +247,25 @@ class LoRALinear(nn.Linear):
         parts = f", parts={self.parts}" if self.parts else ""
         dora = ", dora" if self.config.use_dora else ""
         return f"{super().extra_repr()}, rank={self.config.rank}, scaling={self.scaling:g}{parts}{dora}"
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """``F.linear`` for a frozen weight that keeps only the weight itself for backward.
+
+    Under autocast a plain ``F.linear`` saves its low-precision copy of the weight until
+    backward (2 bytes per frozen parameter); this casts again in backward instead, which
+    costs one cheap element-wise pass and no memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None, None
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:

@@ -9,7 +9,7 @@ rebuilt from its source when a checkpoint is loaded.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +28,7 @@ from vitlora.backbone import create_backbone
 from vitlora.data import batches_seen
 from vitlora.lora import LoRAConfig, inject_lora, lora_modules
 from vitlora.prompts import PromptConfig, add_prompt_tokens
-from vitlora.targets import classifier_prefixes
+from vitlora.targets import classifier_prefixes, last_blocks, modules_after_blocks, transformer_blocks
 from vitlora.trainable import count_parameters, enable_bias_tuning, freeze_base, is_prompt_name
 
 Method = Literal["lora", "full", "linear"]
@@ -58,16 +58,29 @@ class ImageClassifier(L.LightningModule):
         drop_path_rate: float = 0.0,
         tta: bool = False,
         seed: int = 0,
+        gradient_checkpointing: bool = False,
+        train_last_blocks: int | None = None,
+        torch_compile: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         """``lr`` is for the adapted weights, ``head_lr`` (default ``lr``) for the new head.
         ``lora_plus_ratio`` (LoRA+, Hayou et al. 2024) trains every LoRA ``B`` at ``lr * ratio``,
         which learns faster than one rate for A and B; None or 1 is plain LoRA.
         ``prompt`` adds prompt tokens and ``bias_tuning`` trains every bias, with method lora or
         linear. ``model_kwargs`` go to ``timm.create_model`` (tests use tiny configs). ``tta``
-        averages the logits of each evaluation image and its mirror image."""
+        averages the logits of each evaluation image and its mirror image.
+
+        Memory and speed: ``gradient_checkpointing`` recomputes each block in backward instead
+        of keeping its activations. ``train_last_blocks=N`` adapts only the last N blocks (LoRA
+        in them, or for ``full`` them plus the final norm and head), so backward never runs
+        through the earlier ones. ``torch_compile`` compiles the backbone in place when a
+        Trainer sets the model up (checkpoint keys unchanged); ``compile_kwargs`` go to
+        ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``)."""
         super().__init__()
         if method not in ("lora", "full", "linear"):
             raise ValueError(f"method must be one of lora, full, linear; got {method!r}.")
+        if train_last_blocks is not None and method == "linear":
+            raise ValueError("train_last_blocks is for the lora and full methods; linear trains the head alone.")
         if isinstance(prompt, dict):  # as stored in checkpoints
             prompt = PromptConfig(**prompt)
         if method == "full" and (prompt is not None or bias_tuning):
@@ -96,10 +109,24 @@ class ImageClassifier(L.LightningModule):
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
         self.model = create_backbone(backbone, num_classes, weights=weights, pretrained=pretrained, **kwargs)
+        if gradient_checkpointing:
+            self.model.set_grad_checkpointing()
         if method == "lora":
+            if train_last_blocks is not None:
+                if lora.blocks is not None:
+                    raise ValueError("Give either train_last_blocks or lora.blocks, not both.")
+                lora = replace(lora, blocks=last_blocks(self.model, train_last_blocks))
             inject_lora(self.model, lora)
         elif method == "linear":
             freeze_base(self.model)
+        elif train_last_blocks is not None:  # full fine-tuning of the last blocks, the final norm and the head
+            blocks = transformer_blocks(self.model)
+            self.model.requires_grad_(False)
+            for module in [
+                *(blocks[i] for i in last_blocks(self.model, train_last_blocks)),
+                *modules_after_blocks(self.model),
+            ]:
+                module.requires_grad_(True)
         if prompt is not None:
             add_prompt_tokens(self.model, prompt)
         if bias_tuning:
@@ -119,6 +146,11 @@ class ImageClassifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def configure_model(self) -> None:
+        if self.hparams.torch_compile and not getattr(self, "_compiled", False):
+            self.model.compile(**(self.hparams.compile_kwargs or {}))  # in place: same module, same state-dict keys
+            self._compiled = True
 
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:
@@ -151,7 +183,7 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
         logits = self.evaluation_logits(images)
-        self.log("val/loss", F.cross_entropy(logits.float(), targets), prog_bar=True)
+        self.log("val/loss", F.cross_entropy(logits.float(), targets), prog_bar=True, sync_dist=True)
         self.val_metrics.update(logits, targets)
         self.log_dict(self.val_metrics, prog_bar=True)
 

@@ -44,6 +44,21 @@ def transformer_blocks(model: nn.Module) -> Sequence[nn.Module]:
     return blocks
 
 
+def last_blocks(model: nn.Module, count: int) -> tuple[int, ...]:
+    """Indices of the last ``count`` transformer blocks."""
+    depth = len(transformer_blocks(model))
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= depth:
+        raise ValueError(f"Cannot train the last {count!r} blocks: this model has {depth}, choose 1..{depth}.")
+    return tuple(range(depth - count, depth))
+
+
+def modules_after_blocks(model: nn.Module) -> list[nn.Module]:
+    """The final norm, pooling and head(s): timm registers a model's children in forward order."""
+    children = [module for _, module in model.named_children()]
+    blocks = transformer_blocks(model)
+    return children[next(i for i, child in enumerate(children) if child is blocks) + 1 :]
+
+
 def resolve_block_indices(blocks: Iterable[int] | None, depth: int) -> list[int]:
     """Turns None (every block) or possibly negative indices into sorted positive ones."""
     if blocks is None:
