@@ -53,7 +53,7 @@ class Adapter:
     architecture: str | None
     model_name: str | None
     class_names: list[str] | None
-    base_fingerprint: str
+    base_fingerprint: str | None  # None where another tool's adapter records none
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,6 +102,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
     is stored as well and comes back in ``Adapter.metadata``.
     """
     model = getattr(model, "_orig_mod", model)
+    header = adapter_header(model, **metadata)
+    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    payload = serialize(tensors, metadata=header)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(payload)
+    return Path(path)
+
+
+def adapter_header(model: nn.Module, **metadata: Any) -> dict[str, str]:
+    """What an adapter file records besides tensors (see :func:`save_adapter` for ``metadata``)."""
+    model = getattr(model, "_orig_mod", model)
     config = lora_config(model)
     clash = _RESERVED & metadata.keys()
     if clash:
@@ -127,11 +138,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
     if class_names is not None:
         header["class_names"] = json.dumps(class_names)
     header.update({key: json.dumps(value) for key, value in metadata.items()})
-    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    payload = serialize(tensors, metadata=header)
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(payload)
-    return Path(path)
+    return header
 
 
 def read_adapter(path: str | os.PathLike) -> Adapter:
@@ -145,6 +152,12 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except SafetensorError as error:
         raise AdapterError(path, f"not a readable safetensors file ({error}).") from error
+    return decode_adapter(path, header, tensors)
+
+
+def decode_adapter(path: str | os.PathLike, header: dict[str, str], tensors: dict[str, torch.Tensor]) -> Adapter:
+    """Validates an adapter header (as :func:`adapter_header` writes it); errors name ``path``."""
+    path = Path(path)
     if header.get("format") != FORMAT:
         raise AdapterError(path, f"not a vitlora adapter (metadata 'format' is {header.get('format')!r}).")
     if header.get("format_version") != FORMAT_VERSION:
@@ -181,6 +194,12 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     )
 
 
+def resave_metadata(adapter: Adapter) -> dict[str, Any]:
+    """Keywords for :func:`save_adapter` that record ``adapter``'s classes, model and extra metadata again."""
+    extra = {key: value for key, value in adapter.metadata.items() if key not in _RESERVED}
+    return {**extra, "class_names": adapter.class_names, "model_name": adapter.model_name}
+
+
 def _decode(value: str) -> Any:
     """Extra metadata is JSON when vitlora wrote it; other tools' plain strings stay strings."""
     try:
@@ -197,7 +216,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     ``check_base=False`` skips that check), or missing / unexpected / misshapen tensors,
     and then leaves the model exactly as it was.
     """
-    adapter = read_adapter(path)
+    return apply_adapter(model, read_adapter(path), check_base=check_base)
+
+
+def apply_adapter(model: nn.Module, adapter: Adapter, *, check_base: bool = True) -> nn.Module:
+    """:func:`load_adapter` for an adapter already read (from a vitlora file or another tool's format)."""
     _check_compatible(model, adapter, check_base)
     try:
         sites = find_lora_sites(model, adapter.config.targets, adapter.config.blocks)
@@ -237,7 +260,7 @@ def _check_compatible(model: nn.Module, adapter: Adapter, check_base: bool) -> N
             adapter.path,
             f"adapter is for architecture {adapter.architecture!r}, the model is {architecture!r}.",
         )
-    if check_base:
+    if check_base and adapter.base_fingerprint is not None:
         fingerprint = base_fingerprint(model)
         if fingerprint != adapter.base_fingerprint:
             raise AdapterError(
