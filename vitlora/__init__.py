@@ -21,6 +21,7 @@ from vitlora.lora import (
     merge_lora,
     remove_lora,
 )
+from vitlora.peft_format import export_peft, import_peft, read_peft
 
 __all__ = [
     "Adapter",
@@ -32,11 +33,14 @@ __all__ = [
     "adapter_state_dict",
     "base_fingerprint",
     "count_parameters",
+    "export_peft",
+    "import_peft",
     "inject_lora",
     "load_adapter",
     "lora_config",
     "merge_lora",
     "read_adapter",
+    "read_peft",
     "remove_lora",
     "save_adapter",
 ]
