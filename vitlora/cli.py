@@ -3,6 +3,7 @@
 vitlora fit --config recipes/grocery_lora.yaml [--model.lora.rank 16 ...]
 vitlora export --ckpt_path runs/.../last.ckpt --output grocery.safetensors
 vitlora classify grocery.safetensors photos/ --output preds.csv [--weights BASE] [--top-k 5]
+vitlora convert grocery.safetensors grocery-peft/ [--weights BASE]     # and back: a PEFT folder to .safetensors
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -18,7 +20,12 @@ from vitlora.data import ImageDataModule
 from vitlora.module import ImageClassifier
 from vitlora.predictions import PredictionWriter, top_k_rows, write_predictions
 
-EXTRA_COMMANDS = ("export", "classify")
+if TYPE_CHECKING:
+    from torch import nn
+
+    from vitlora.adapter import Adapter
+
+EXTRA_COMMANDS = ("export", "classify", "convert")
 
 
 class VitloraCLI(LightningCLI):
@@ -49,10 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     """``argv`` for calls from Python (tests); the console script reads the command line."""
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in EXTRA_COMMANDS:
-        {"export": export_command, "classify": classify_command}[words[0]](words[1:])
+        {"export": export_command, "classify": classify_command, "convert": convert_command}[words[0]](words[1:])
         return
     if words[:1] in (["-h"], ["--help"]):
-        print("Extra commands: vitlora export --help, vitlora classify --help\n")
+        print("Extra commands: vitlora export --help, vitlora classify --help, vitlora convert --help\n")
     VitloraCLI(
         ImageClassifier,
         ImageDataModule,
@@ -141,18 +148,13 @@ def classify(
     """Top-k rows per image; unreadable images get a row with ``error`` set instead of labels."""
     import torch
 
-    from vitlora.adapter import AdapterError, load_adapter, read_adapter
-    from vitlora.backbone import create_backbone
+    from vitlora.adapter import apply_adapter, read_adapter
     from vitlora.data import eval_transform, expand_image_paths
     from vitlora.images import BadImage, load_rgb
 
     adapter = read_adapter(adapter_path)
-    if not adapter.model_name:
-        raise AdapterError(adapter_path, "records no timm model name to build the base model from.")
-    kwargs = dict(adapter.metadata.get("model_kwargs") or {})
-    model = create_backbone(adapter.model_name, adapter.num_classes, weights=weights, **kwargs)
-    model = load_adapter(model, adapter_path).eval()
-    transform = eval_transform(adapter.model_name, kwargs.get("img_size"))
+    model = apply_adapter(base_model(adapter, weights), adapter).eval()
+    transform = eval_transform(adapter.model_name, (adapter.metadata.get("model_kwargs") or {}).get("img_size"))
     names = adapter.class_names or [str(i) for i in range(adapter.num_classes)]
     rows: list[dict] = []
     pending: list[tuple[int, torch.Tensor]] = []
@@ -176,6 +178,51 @@ def classify(
     if pending:
         flush()
     return rows
+
+
+def base_model(adapter: Adapter, weights: str | None = None, model_name: str | None = None) -> nn.Module:
+    """The plain timm model an adapter belongs on, from its recorded (or the given) name and model kwargs."""
+    from vitlora.adapter import AdapterError
+    from vitlora.backbone import create_backbone
+
+    name = model_name or adapter.model_name
+    if not name:
+        raise AdapterError(adapter.path, "records no timm model name to build the base model from.")
+    kwargs = dict(adapter.metadata.get("model_kwargs") or {})
+    return create_backbone(name, adapter.num_classes, weights=weights, **kwargs)
+
+
+# --- convert ---------------------------------------------------------------------------------
+
+
+def convert_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="vitlora convert",
+        description="Convert a vitlora adapter file (.safetensors) to a PEFT adapter folder, or a PEFT folder back.",
+    )
+    parser.add_argument("source", type=Path, help="a vitlora .safetensors adapter or a PEFT adapter folder")
+    parser.add_argument("output", type=Path, help="a PEFT folder, or a .safetensors file for a PEFT source")
+    parser.add_argument("--weights", help="local base weights file (offline machines)")
+    parser.add_argument("--model", help="timm model name of the base, for PEFT adapters that record none")
+    args = parser.parse_args(argv)
+    path = convert(args.source, args.output, weights=args.weights, model_name=args.model)
+    print(f"wrote {path}")
+
+
+def convert(source: Path, output: Path, weights: str | None = None, model_name: str | None = None) -> Path:
+    """vitlora file -> PEFT folder or PEFT folder -> vitlora file, through the base model both belong on."""
+    from vitlora.adapter import apply_adapter, read_adapter, resave_metadata, save_adapter
+    from vitlora.peft_format import export_peft, read_peft
+
+    to_peft = source.suffix == ".safetensors"
+    if to_peft == (output.suffix == ".safetensors"):
+        raise SystemExit(f"convert {source} -> {output}: one must be a .safetensors file, the other a PEFT folder.")
+    adapter = read_adapter(source) if to_peft else read_peft(source)
+    if not (model_name or adapter.model_name):
+        raise SystemExit(f"{source}: records no timm model name: pass --model NAME (and --weights BASE_FILE).")
+    model = apply_adapter(base_model(adapter, weights, model_name), adapter)
+    metadata = resave_metadata(adapter) | ({"model_name": model_name} if model_name else {})
+    return export_peft(model, output, **metadata) if to_peft else save_adapter(model, output, **metadata)
 
 
 if __name__ == "__main__":
