@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vitlora import load_adapter, read_adapter
+from vitlora import LoRAConfig, load_adapter, read_adapter
 from vitlora.backbone import create_backbone
 from vitlora.cli import main
 from vitlora.data import eval_transform
@@ -213,6 +213,42 @@ def test_inspect_prints_the_summary_and_writes_the_heatmap(workspace, fruit_adap
     assert Image.open(workspace / "updates.png").size[1] > 2 * 16
 
 
+def test_convert_to_peft_and_back(workspace, lora_run, tmp_path):
+    """A trained adapter -> PEFT folder (PEFT gives its logits) -> vitlora file with the same tensors and classes."""
+    peft = pytest.importorskip("peft")
+    adapter_path, base = tmp_path / "fruit.safetensors", str(workspace / "base.safetensors")
+    main(["export", "--ckpt_path", str(lora_run / "checkpoints" / "last.ckpt"), "--output", str(adapter_path)])
+    main(["convert", str(adapter_path), str(tmp_path / "fruit-peft"), "--weights", base])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain = create_backbone("vit_tiny_patch16_224", 3, weights=base, img_size=32, **TINY).eval()
+    expected = load_adapter(plain, adapter_path)(x)
+    timm_model = create_backbone("vit_tiny_patch16_224", 3, weights=base, img_size=32, **TINY)
+    logits = peft.PeftModel.from_pretrained(timm_model, tmp_path / "fruit-peft").eval()(x)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    main(["convert", str(tmp_path / "fruit-peft"), str(tmp_path / "back.safetensors"), "--weights", base])
+    original, back = read_adapter(adapter_path), read_adapter(tmp_path / "back.safetensors")
+    assert (back.config, back.class_names, back.model_name) == (
+        original.config,
+        original.class_names,
+        original.model_name,
+    )
+    assert back.metadata["model_kwargs"] == original.metadata["model_kwargs"]
+    assert back.tensors.keys() == original.tensors.keys()
+    assert all(torch.equal(back.tensors[key], tensor) for key, tensor in original.tensors.items())
+
+
+def test_convert_names_what_is_missing(workspace, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = create_backbone("vit_tiny_patch16_224", 3, weights=workspace / "base.safetensors", img_size=32, **TINY)
+    config = peft.LoraConfig(r=2, target_modules=["blocks.0.attn.qkv"], modules_to_save=["head"])
+    peft.get_peft_model(model, config).save_pretrained(tmp_path / "peft")
+    with pytest.raises(SystemExit, match=r"peft: records no timm model name: pass --model NAME"):
+        main(["convert", str(tmp_path / "peft"), str(tmp_path / "out.safetensors")])
+    with pytest.raises(SystemExit, match=r"one must be a \.safetensors file, the other a PEFT folder"):
+        main(["convert", str(tmp_path / "peft"), str(tmp_path / "out")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+
+
 def test_predict_runs(workspace, lora_run):
     run(
         workspace,
@@ -264,3 +300,41 @@ def test_short_real_run_on_a_few_grocery_photos(tmp_path):
         "Oatly-Oat-Milk",
     ]
     assert sum(t.numel() for t in checkpoint["state_dict"].values()) < 0.02 * 5.7e6
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="../shared weights absent")
+def test_convert_a_peft_adapter_of_the_real_vit_ti(tmp_path):
+    """PEFT's own adapter on the real ViT-Ti, named with --model: the vitlora file gives PEFT's logits."""
+    peft = pytest.importorskip("peft")
+    name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    torch.manual_seed(0)
+    model = create_backbone(name, 3, weights=WEIGHTS)
+    targets = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc2)"
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, modules_to_save=["head"], init_lora_weights=False
+    )
+    peft_model = peft.get_peft_model(model, config).eval()
+    with torch.no_grad():
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0.0, 0.05)  # a trained-looking head and LoRA
+    peft_model.save_pretrained(tmp_path / "peft")
+    main(
+        [
+            "convert",
+            str(tmp_path / "peft"),
+            str(tmp_path / "out.safetensors"),
+            "--model",
+            name,
+            "--weights",
+            str(WEIGHTS),
+        ]
+    )
+    adapter = read_adapter(tmp_path / "out.safetensors")
+    assert adapter.model_name == name and adapter.config == LoRAConfig(
+        rank=4, alpha=8, targets=("qkv", "proj", "fc2"), blocks=tuple(range(12))
+    )
+    vitlora_model = load_adapter(create_backbone(name, 3, weights=WEIGHTS), tmp_path / "out.safetensors").eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(vitlora_model(x), peft_model(x), atol=1e-4, rtol=1e-4)

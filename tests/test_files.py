@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vitlora.files import atomic_write, check_output_path, read_state_dict
+from vitlora.files import atomic_directory, atomic_write, check_output_path, read_state_dict
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -16,6 +16,41 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "adapter"
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "a.json").write_text("half")
+        raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(target) as tmp:
+        (tmp / "a.json").write_text("1")
+        (tmp / "b.bin").write_bytes(b"2")
+    assert sorted(p.name for p in target.iterdir()) == ["a.json", "b.bin"]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkdtemp's private 0700
+
+
+def test_atomic_directory_replaces_an_earlier_export_but_never_an_unrelated_folder(tmp_path):
+    target = tmp_path / "adapter"
+    for value in ("old", "new"):
+        with atomic_directory(target) as tmp:
+            (tmp / "a.json").write_text(value)
+    assert (target / "a.json").read_text() == "new"
+    (target / "notes.txt").write_text("mine")
+    with (
+        pytest.raises(FileExistsError, match=r"adapter: exists and holds \['notes.txt'\]"),
+        atomic_directory(target) as tmp,
+    ):
+        (tmp / "a.json").write_text("newer")
+    assert sorted(p.name for p in target.iterdir()) == ["a.json", "notes.txt"]
+    assert (target / "a.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporaries left behind
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"), atomic_directory(tmp_path / "file"):
+        pass
 
 
 def test_read_state_dict_reads_safetensors_and_weights_only_checkpoints(tmp_path):

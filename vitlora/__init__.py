@@ -33,6 +33,7 @@ from vitlora.lora import (
 from vitlora.memory import SavedTensor, activation_bytes, saved_for_backward
 from vitlora.merge import ExportError, export_onnx, merge_adapter
 from vitlora.multi import MixedLogits, MultiAdapter
+from vitlora.peft_format import convert_adapter, export_peft, import_peft, read_peft
 from vitlora.prompts import PromptConfig, add_prompt_tokens, prompt_config, remove_prompt_tokens
 from vitlora.trainable import (
     ParameterCount,
@@ -66,10 +67,13 @@ __all__ = [
     "build_model_with_adapter",
     "compare_methods",
     "comparison_reading",
+    "convert_adapter",
     "count_parameters",
     "enable_bias_tuning",
     "export_onnx",
+    "export_peft",
     "freeze_base",
+    "import_peft",
     "inject_lora",
     "inspect_adapter",
     "load_adapter",
@@ -80,6 +84,7 @@ __all__ = [
     "methods_from_recipes",
     "prompt_config",
     "read_adapter",
+    "read_peft",
     "remove_lora",
     "remove_prompt_tokens",
     "save_adapter",

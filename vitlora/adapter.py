@@ -74,7 +74,7 @@ class Adapter:
     architecture: str | None
     model_name: str | None
     class_names: list[str] | None
-    base_fingerprint: str
+    base_fingerprint: str | None  # None where another tool's adapter records none
     prompt: PromptConfig | None = None
     bias_tuning: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -135,6 +135,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
     is stored as well and comes back in ``Adapter.metadata``.
     """
     model = getattr(model, "_orig_mod", model)
+    header = adapter_header(model, **metadata)
+    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    payload = serialize(tensors, metadata=header)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(payload)
+    return Path(path)
+
+
+def adapter_header(model: nn.Module, **metadata: Any) -> dict[str, str]:
+    """What an adapter file records besides tensors (see :func:`save_adapter` for ``metadata``)."""
+    model = getattr(model, "_orig_mod", model)
     unshipped = [name for name, p in model.named_parameters() if p.requires_grad and not is_adapter_key(model, name)]
     if unshipped:
         examples = ", ".join(unshipped[:3]) + (", ..." if len(unshipped) > 3 else "")
@@ -176,11 +187,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
     if class_names is not None:
         header["class_names"] = json.dumps(class_names)
     header.update({key: json.dumps(value) for key, value in metadata.items()})
-    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    payload = serialize(tensors, metadata=header)
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(payload)
-    return Path(path)
+    return header
 
 
 def read_adapter(path: str | os.PathLike) -> Adapter:
@@ -194,6 +201,12 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except SafetensorError as error:
         raise AdapterError(path, f"not a readable safetensors file ({error}).") from error
+    return decode_adapter(path, header, tensors)
+
+
+def decode_adapter(path: str | os.PathLike, header: dict[str, str], tensors: dict[str, torch.Tensor]) -> Adapter:
+    """Validates an adapter header (as :func:`adapter_header` writes it); errors name ``path``."""
+    path = Path(path)
     if header.get("format") != FORMAT:
         raise AdapterError(path, f"not a vitlora adapter (metadata 'format' is {header.get('format')!r}).")
     version = header.get("format_version")
@@ -242,6 +255,12 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     )
 
 
+def resave_metadata(adapter: Adapter) -> dict[str, Any]:
+    """Keywords for :func:`save_adapter` that record ``adapter``'s classes, model and extra metadata again."""
+    extra = {key: value for key, value in adapter.metadata.items() if key not in _RESERVED}
+    return {**extra, "class_names": adapter.class_names, "model_name": adapter.model_name}
+
+
 def _decode(value: str) -> Any:
     """Extra metadata is JSON when vitlora wrote it; other tools' plain strings stay strings."""
     try:
@@ -258,30 +277,32 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     ``check_base=False`` skips that check), or missing / unexpected / misshapen tensors,
     and then leaves the model exactly as it was.
     """
-    return _attach(model, read_adapter(path), check_base)
+    return apply_adapter(model, read_adapter(path), check_base=check_base)
 
 
 def build_model_with_adapter(
-    path: str | os.PathLike, weights: str | os.PathLike | None = None
+    source: str | os.PathLike | Adapter, weights: str | os.PathLike | None = None, *, model_name: str | None = None
 ) -> tuple[nn.Module, Adapter]:
-    """The model an adapter file describes, ready for inference (eval mode), and the file's contents.
+    """The model an adapter describes, ready for inference (eval mode), and the adapter.
 
-    The base is the timm model the file records (``model_name`` and ``model_kwargs``) on its
-    pretrained weights: from the timm hub, or from ``weights`` (a local file, for offline
-    machines). The base-weight fingerprint is checked as in :func:`load_adapter`.
+    ``source``: an adapter file, or an :class:`Adapter` already read (e.g. from a PEFT folder).
+    The base is the timm model it records (``model_name``, or the one given, and
+    ``model_kwargs``) on its pretrained weights: from the timm hub, or from ``weights`` (a
+    local file, for offline machines). The base-weight fingerprint is checked as in
+    :func:`load_adapter`.
     """
-    adapter = read_adapter(path)
-    if not adapter.model_name:
-        raise AdapterError(adapter.path, "records no timm model name to build the base model from.")
-    if not timm.is_model(adapter.model_name):
-        raise AdapterError(
-            adapter.path, f"records timm model {adapter.model_name!r}, unknown to timm {timm.__version__}."
-        )
-    model = create_backbone(adapter.model_name, adapter.num_classes, weights=weights, **adapter.model_kwargs)
-    return _attach(model, adapter, check_base=True).eval(), adapter
+    adapter = source if isinstance(source, Adapter) else read_adapter(source)
+    name = model_name or adapter.model_name
+    if not name:
+        raise AdapterError(adapter.path, "records no timm model name to build the base model from: name one.")
+    if not timm.is_model(name):
+        raise AdapterError(adapter.path, f"records timm model {name!r}, unknown to timm {timm.__version__}.")
+    model = create_backbone(name, adapter.num_classes, weights=weights, **adapter.model_kwargs)
+    return apply_adapter(model, adapter).eval(), adapter
 
 
-def _attach(model: nn.Module, adapter: Adapter, check_base: bool) -> nn.Module:
+def apply_adapter(model: nn.Module, adapter: Adapter, *, check_base: bool = True) -> nn.Module:
+    """:func:`load_adapter` for an adapter already read (from a vitlora file or another tool's format)."""
     check_compatible(model, adapter, check_base)
     sites = lora_sites_for(model, adapter)
     if adapter.prompt is not None:
@@ -356,7 +377,7 @@ def check_compatible(model: nn.Module, adapter: Adapter, check_base: bool) -> No
             adapter.path,
             f"adapter is for architecture {adapter.architecture!r}, the model is {architecture!r}.",
         )
-    if check_base:
+    if check_base and adapter.base_fingerprint is not None:
         fingerprint = base_fingerprint(model, exclude_biases=adapter.bias_tuning)
         if fingerprint != adapter.base_fingerprint:
             raise AdapterError(

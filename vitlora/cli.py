@@ -6,6 +6,7 @@ vitlora classify grocery.safetensors photos/ --output preds.csv [--weights BASE]
 vitlora merge grocery.safetensors --output model.safetensors [--format onnx] [--weights BASE]
 vitlora inspect grocery.safetensors [--plot updates.png]
 vitlora compare --config recipes/grocery_compare.yaml --output comparisons/grocery [--budget.max_epochs 1 ...]
+vitlora convert grocery.safetensors grocery-peft/ [--weights BASE]     # and back: a PEFT folder to .safetensors
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vitlora.data import ImageDataModule
 from vitlora.module import ImageClassifier
 from vitlora.predictions import PredictionWriter, top_k_rows, write_predictions
 
-EXTRA_COMMANDS = ("export", "classify", "merge", "inspect", "compare")
+EXTRA_COMMANDS = ("export", "classify", "merge", "inspect", "compare", "convert")
 
 
 class VitloraCLI(LightningCLI):
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             "merge": merge_command,
             "inspect": inspect_command,
             "compare": compare_command,
+            "convert": convert_command,
         }
         commands[words[0]](words[1:])
         return
@@ -299,6 +301,26 @@ def inspect_command(argv: list[str]) -> None:
         print(summary)
         if args.plot:
             print(f"wrote {write_update_heatmap(summary, args.plot)}")
+
+
+# --- convert ---------------------------------------------------------------------------------
+
+
+def convert_command(argv: list[str]) -> None:
+    from vitlora.peft_format import convert_adapter
+
+    parser = argparse.ArgumentParser(
+        prog="vitlora convert",
+        description="Convert a vitlora adapter file (.safetensors) to a PEFT adapter folder, or a PEFT folder back.",
+    )
+    parser.add_argument("source", type=Path, help="a vitlora .safetensors adapter or a PEFT adapter folder")
+    parser.add_argument("output", type=Path, help="a PEFT folder, or a .safetensors file for a PEFT source")
+    parser.add_argument("--weights", help="local base weights file (offline machines)")
+    parser.add_argument("--model", help="timm model name of the base, for PEFT adapters that record none")
+    args = parser.parse_args(argv)
+    with exit_on_bad_input("convert"):
+        path = convert_adapter(args.source, args.output, weights=args.weights, model_name=args.model)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

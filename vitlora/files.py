@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,12 +51,57 @@ def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Pat
     return path
 
 
-def _shareable_mode(target: Path) -> int:
+def _shareable_mode(target: Path, new_mode: int = 0o666) -> int:
     if target.exists():
         return target.stat().st_mode & 0o777
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return new_mode & ~umask
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary folder beside ``path`` and renames it into place only if the block succeeds.
+
+    A folder already at ``path`` is replaced only when it holds nothing but files the new one
+    also has (an earlier export), so an unrelated folder is never deleted; readers see the old
+    folder or the new one, never a mix.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target}: exists and is not a directory.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.chmod(tmp, _shareable_mode(target, 0o777))  # mkdtemp makes 0700
+        _replace_directory(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(new, target)
+        return
+    foreign = sorted(p.name for p in target.iterdir() if not (p.is_file() and (new / p.name).is_file()))
+    if foreign:
+        raise FileExistsError(
+            f"{target}: exists and holds {foreign}, which this would not write; choose another folder."
+        )
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    try:
+        os.replace(target, old)
+        try:
+            os.replace(new, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

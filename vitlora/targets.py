@@ -8,6 +8,7 @@ SigLIP keep a fused ``attn.qkv``; EVA-02 has a fused ``qkv`` or separate
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ PROJECTIONS = ("q", "k", "v")
 VALID_TARGETS = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
 CLASSIFIER_NAMES = ("head", "head_dist")
 
+_SITE_PATH = re.compile(r"blocks\.(\d+)\.(?:attn\.(qkv|proj|[qkv]_proj)|mlp\.(fc1|fc1_g|fc1_x|fc2))")
+SITE_PATHS = "blocks.N.attn.{qkv,q_proj,k_proj,v_proj,proj} and blocks.N.mlp.{fc1,fc1_g,fc1_x,fc2}"
 _SUPPORTED_LAYOUT = (
     "`model.blocks[i].attn` with a fused `qkv` nn.Linear or separate "
     "`q_proj`/`k_proj`/`v_proj` nn.Linear layers (timm ViT, DeiT, DINOv2, CLIP, SigLIP, EVA)"
@@ -131,9 +134,27 @@ def _whole(path: str, linear: nn.Linear, parts: tuple[str, ...]) -> LoRASite:
 def _fused_parts(path: str, linear: nn.Linear, parts: Sequence[str]) -> LoRASite:
     if linear.out_features % 3:
         raise ValueError(f"{path} has {linear.out_features} outputs, not three equal q/k/v parts.")
-    width = linear.out_features // 3
-    slices = tuple((PROJECTIONS.index(p) * width, (PROJECTIONS.index(p) + 1) * width) for p in parts)
-    return LoRASite(path, linear, tuple(parts), slices)
+    return LoRASite(path, linear, tuple(parts), qkv_slices(linear.out_features, parts))
+
+
+def qkv_slices(out_features: int, parts: Sequence[str]) -> tuple[tuple[int, int], ...]:
+    """The ``(start, stop)`` output rows of the chosen q/k/v parts of a fused qkv projection."""
+    width = out_features // 3
+    return tuple((PROJECTIONS.index(p) * width, (PROJECTIONS.index(p) + 1) * width) for p in parts)
+
+
+def site_target(path: str) -> tuple[int, str] | None:
+    """Block index and LoRA target of a module path that :func:`find_lora_sites` can return, else None.
+
+    A fused ``attn.qkv`` is ``"qkv"``, separate projections are ``"q"``/``"k"``/``"v"`` and
+    SwiGLU's ``fc1_g``/``fc1_x`` are ``"fc1"``: reading other tools' adapters by module path.
+    """
+    match = _SITE_PATH.fullmatch(path)
+    if match is None:
+        return None
+    block, attn, mlp = match.groups()
+    target = attn[0] if attn and attn.endswith("_proj") else attn or mlp
+    return int(block), "fc1" if target.startswith("fc1") else target
 
 
 def update_labels(layer: str, targets: Sequence[str]) -> tuple[str, ...]:
@@ -185,6 +206,11 @@ def route_fused_qkv_through_module(model: nn.Module) -> None:
         if getattr(module, "qkv_bias_separate", True) is False and getattr(module, "q_bias", None) is not None:
             module.qkv_bias_separate = True
             module._vitlora_rerouted = True
+
+
+def rerouted_attention(model: nn.Module) -> list[str]:
+    """Attention modules whose ``qkv`` is called only because vitlora rerouted it (other LoRA tools miss it)."""
+    return [name for name, module in model.named_modules() if module.__dict__.get("_vitlora_rerouted")]
 
 
 def restore_fused_qkv_routing(model: nn.Module) -> None:

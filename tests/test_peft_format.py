@@ -1,0 +1,330 @@
+"""PEFT interoperability, checked against the installed ``peft`` package on tiny timm models."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import images, randomize_lora, tiny_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from vitlora import (
+    AdapterError,
+    LoRAConfig,
+    PromptConfig,
+    adapter_state_dict,
+    add_prompt_tokens,
+    enable_bias_tuning,
+    export_peft,
+    import_peft,
+    inject_lora,
+    read_peft,
+)
+from vitlora.lora import lora_config, lora_modules
+from vitlora.targets import classifier_names, route_fused_qkv_through_module
+
+peft = pytest.importorskip("peft")
+
+CLASSES = ["apple", "banana", "carrot", "dates", "eggplant"]
+# PEFT's LoRA takes effect in these (EVA-02 with separate q/k/v and SwiGLU included); not on EVA's fused qkv.
+PEFT_FAMILIES = (
+    "vit_tiny_patch16_224",
+    "deit_tiny_distilled_patch16_224",
+    "vit_small_patch14_reg4_dinov2",
+    "eva02_large_patch14_clip_224",
+)
+EVERY_SITE = r"blocks\.\d+\.(attn\.(qkv|[qkv]_proj|proj)|mlp\.(fc1|fc1_g|fc1_x|fc2))"
+TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}  # PEFT adds B(Ax) in another order than vitlora's fused addmm
+
+
+def trained(name, **config):
+    """A vitlora model whose LoRA updates and head have moved away from their initial values."""
+    model = tiny_model(name)
+    inject_lora(model, LoRAConfig(rank=4, alpha=6.0, **config))
+    randomize_lora(model)
+    with torch.no_grad():
+        model.head.weight.add_(0.3)
+    return model
+
+
+def peft_trained(name, directory, target_modules=EVERY_SITE, heads=True, **config):
+    """A PEFT LoRA adapter trained (randomly initialised) on a tiny timm model, saved to ``directory``."""
+    model = tiny_model(name)
+    modules_to_save = list(classifier_names(model)) if heads else None
+    lora = peft.LoraConfig(
+        r=4,
+        lora_alpha=6,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+        init_lora_weights=False,  # non-zero B: the update matters
+        **config,
+    )
+    peft_model = peft.get_peft_model(model, lora).eval()
+    peft_model.save_pretrained(directory)
+    return peft_model
+
+
+def from_pretrained(name, directory, route=False):
+    model = tiny_model(name)
+    if route:
+        route_fused_qkv_through_module(model)
+    return peft.PeftModel.from_pretrained(model, directory).eval()
+
+
+def by_hand(name, directory):
+    """The plain timm model with ``W + scaling * B @ A`` merged from the PEFT files, and their heads."""
+    config = json.loads((directory / "adapter_config.json").read_text())
+    root = 2 if config.get("use_rslora") else 1
+    scaling = config["lora_alpha"] / config["r"] ** (1 / root)
+    tensors = {
+        k.removeprefix("base_model.model."): v for k, v in load_file(directory / "adapter_model.safetensors").items()
+    }
+    model = tiny_model(name, num_classes=tensors["head.weight"].shape[0])
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                module = key.removesuffix(".lora_A.weight")
+                b = tensors[f"{module}.lora_B.weight"]
+                model.get_submodule(module).weight.add_(scaling * b @ a)
+        model.load_state_dict({k: v for k, v in tensors.items() if "lora_" not in k}, strict=False)
+    return model
+
+
+@pytest.mark.parametrize("name", PEFT_FAMILIES)
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"targets": ("q", "v")},
+        {"targets": ("q", "v", "proj", "fc1", "fc2"), "use_rslora": True},
+        {"targets": ("qkv", "fc2"), "blocks": [-1]},
+    ],
+    ids=["q-v", "q-v-proj-fc1-fc2-rslora", "qkv-fc2-last-block"],
+)
+def test_export_loads_in_peft_with_the_same_logits(tmp_path, name, config):
+    model = trained(name, **config)
+    export_peft(model, tmp_path / "peft", class_names=CLASSES)
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert written["target_modules"] == [name for name, _ in lora_modules(model)]  # full paths, no patch_embed
+    assert written["modules_to_save"] == list(classifier_names(model))
+    peft_model = from_pretrained(name, tmp_path / "peft")
+    torch.testing.assert_close(peft_model(images()), model(images()), **TOLERANCE)
+    lora_off = tiny_model(name)
+    lora_off.load_state_dict({k: v for k, v in adapter_state_dict(model).items() if "lora_" not in k}, strict=False)
+    assert (peft_model(images()) - lora_off(images())).abs().max() > 1e-2  # PEFT really applied the LoRA
+
+
+def test_q_v_on_a_fused_qkv_becomes_a_block_structured_lora_of_rank_2r(tmp_path):
+    model = trained("vit_tiny_patch16_224", targets=("q", "v", "fc2"))
+    export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert config["r"] == 8 and config["lora_alpha"] == 12.0 and not config["use_rslora"]  # 12 / 8 == 6 / 4
+    b = tensors["base_model.model.blocks.0.attn.qkv.lora_B.weight"]
+    assert b.shape == (192, 8)
+    assert not b[64:128].any()  # k untouched
+    assert not b[:64, 4:].any() and not b[128:, :4].any()  # q and v each use their own rank-4 block
+    fc2_a = tensors["base_model.model.blocks.0.mlp.fc2.lora_A.weight"]
+    assert fc2_a.shape == (8, 256) and not fc2_a[4:].any()  # zero-padded to PEFT's single rank
+    scaling = config["lora_alpha"] / config["r"]
+    for name, layer in lora_modules(model):
+        a, b = (tensors[f"base_model.model.{name}.lora_{m}.weight"] for m in "AB")
+        torch.testing.assert_close(scaling * b @ a, layer.delta_weight(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", PEFT_FAMILIES)
+@pytest.mark.parametrize(
+    ("target_modules", "config"),
+    [(EVERY_SITE, {"use_rslora": True}), (r"blocks\.1\.attn\.(qkv|[qkv]_proj)", {"lora_dropout": 0.1})],
+    ids=["every-site-rslora", "attention-of-block-1"],
+)
+def test_import_gives_the_logits_peft_gives(tmp_path, name, target_modules, config):
+    peft_model = peft_trained(name, tmp_path, target_modules, **config)
+    model = import_peft(tiny_model(name, num_classes=1000), tmp_path).eval()
+    torch.testing.assert_close(model(images()), peft_model(images()), **TOLERANCE)
+    imported = lora_config(model)
+    assert (imported.rank, imported.alpha, imported.use_rslora) == (4, 6, config.get("use_rslora", False))
+    assert imported.dropout == config.get("lora_dropout", 0.0)
+    assert imported.blocks == ((0, 1) if target_modules == EVERY_SITE else (1,))
+    peft_sites = {n.removesuffix(".base_layer") for n, _ in peft_model.named_modules() if n.endswith("base_layer")}
+    assert {f"base_model.model.{n}" for n, _ in lora_modules(model)} == peft_sites
+
+
+def test_import_then_export_writes_peft_tensors_back_unchanged(tmp_path):
+    peft_trained("deit_tiny_distilled_patch16_224", tmp_path / "peft")
+    model = import_peft(tiny_model("deit_tiny_distilled_patch16_224"), tmp_path / "peft")
+    export_peft(model, tmp_path / "again")
+    original, again = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "again"))
+    assert original.keys() == again.keys()
+    assert all(torch.equal(original[key], again[key]) for key in original)
+    configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("peft", "again")]
+    assert [(c["r"], c["lora_alpha"]) for c in configs] == [(4, 6), (4, 6.0)]
+
+
+@pytest.mark.filterwarnings("ignore:.*reads qkv.weight directly")
+@pytest.mark.parametrize("targets", [("q", "v"), ("qkv", "proj", "fc1", "fc2")])
+def test_vitlora_to_peft_to_vitlora_is_exact(tmp_path, model_name, targets):
+    model = trained(model_name, targets=targets, blocks=[0, 1])
+    export_peft(model, tmp_path, class_names=CLASSES, model_name="my-base", model_kwargs={"img_size": 32})
+    adapter = read_peft(tmp_path)
+    assert adapter.config == lora_config(model)
+    assert (adapter.class_names, adapter.model_name, adapter.metadata["model_kwargs"]) == (
+        CLASSES,
+        "my-base",
+        {"img_size": 32},
+    )
+    back = import_peft(tiny_model(model_name, num_classes=1000), tmp_path)
+    assert torch.equal(back(images()), model(images()))
+    original = adapter_state_dict(model)
+    assert all(torch.equal(tensor, original[key]) for key, tensor in adapter_state_dict(back).items())
+
+
+def test_an_export_peft_has_trained_further_comes_back_in_its_peft_form(tmp_path):
+    """Once k's zero rows hold values, the q/v layout is gone: import keeps PEFT's rank-2r LoRA on qkv."""
+    export_peft(trained("vit_tiny_patch16_224"), tmp_path, class_names=CLASSES)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    with safe_open(weights, "pt") as handle:
+        metadata = handle.metadata()
+    tensors["base_model.model.blocks.0.attn.qkv.lora_B.weight"][64:128] = 0.1
+    save_file(tensors, weights, metadata=metadata)
+    adapter = read_peft(tmp_path)
+    assert (adapter.config.targets, adapter.config.rank, adapter.config.alpha) == (("qkv",), 8, 12.0)
+    assert adapter.class_names == CLASSES
+    model = import_peft(tiny_model("vit_tiny_patch16_224"), tmp_path)
+    torch.testing.assert_close(
+        model(images()), from_pretrained("vit_tiny_patch16_224", tmp_path)(images()), **TOLERANCE
+    )
+
+
+def test_eva_fused_qkv_import_applies_the_update_peft_computes_but_never_reaches(tmp_path):
+    """timm's EVA attention reads qkv.weight directly, so PEFT's own LoRA on it changes nothing;
+    vitlora applies W + scaling * B @ A, as PEFT does once the attention is routed through the module."""
+    name = "eva02_tiny_patch14_224"
+    peft_trained(name, tmp_path, use_rslora=True)
+    expected = by_hand(name, tmp_path)(images())
+    model = import_peft(tiny_model(name), tmp_path).eval()
+    torch.testing.assert_close(model(images()), expected, **TOLERANCE)
+    torch.testing.assert_close(from_pretrained(name, tmp_path, route=True)(images()), expected, **TOLERANCE)
+
+
+def test_eva_fused_qkv_export_warns_and_holds_the_exact_update(tmp_path):
+    name = "eva02_tiny_patch14_224"
+    model = trained(name, targets=("q", "v", "fc1"))
+    with pytest.warns(UserWarning, match=r"blocks\.0\.attn\.qkv and 1 more .* reads qkv\.weight directly"):
+        export_peft(model, tmp_path)
+    torch.testing.assert_close(by_hand(name, tmp_path)(images()), model(images()), **TOLERANCE)
+    torch.testing.assert_close(from_pretrained(name, tmp_path, route=True)(images()), model(images()), **TOLERANCE)
+
+
+def test_eva_export_without_qkv_updates_does_not_warn(tmp_path, recwarn):
+    export_peft(trained("eva02_tiny_patch14_224", targets=("proj",)), tmp_path)
+    assert not [w for w in recwarn if "qkv.weight" in str(w.message)]
+
+
+def test_the_base_fingerprint_of_an_export_is_checked(tmp_path):
+    export_peft(trained("vit_tiny_patch16_224"), tmp_path)
+    with pytest.raises(AdapterError, match="base weights differ"):
+        import_peft(tiny_model("vit_tiny_patch16_224", seed=1), tmp_path)
+    assert lora_modules(import_peft(tiny_model("vit_tiny_patch16_224", seed=1), tmp_path, check_base=False))
+
+
+@pytest.fixture(scope="module")
+def peft_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("peft")
+    peft_trained("vit_tiny_patch16_224", folder)
+    return folder
+
+
+def edited(folder, tmp_path, **changes):
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("use_dora", True),
+        ("bias", "lora_only"),
+        ("lora_bias", True),
+        ("rank_pattern", {"blocks.0.attn.qkv": 8}),
+        ("alpha_pattern", {"blocks.0.attn.qkv": 8}),
+        ("init_lora_weights", "pissa"),
+        ("init_lora_weights", "olora"),
+        ("layer_replication", [[0, 1]]),
+        ("use_qalora", True),
+        ("modules_to_save", ["head", "norm"]),
+    ],
+)
+def test_unsupported_peft_options_are_refused_by_name_and_the_model_left_alone(peft_folder, tmp_path, option, value):
+    model = tiny_model("vit_tiny_patch16_224")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError, match=rf"adapter_config\.json: .*{option}.*not supported") as error:
+        import_peft(model, edited(peft_folder, tmp_path, **{option: value}))
+    assert option != "use_dora" or "DoRA" in str(error.value)
+    assert model.state_dict().keys() == before.keys() and not lora_modules(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("init_lora_weights", "gaussian"), ("init_lora_weights", "eva"), ("loftq_config", {}), ("fan_in_fan_out", False)],
+)
+def test_init_only_peft_options_are_fine(peft_folder, tmp_path, option, value):
+    model = import_peft(tiny_model("vit_tiny_patch16_224"), edited(peft_folder, tmp_path, **{option: value}))
+    torch.testing.assert_close(model(images()), from_pretrained("vit_tiny_patch16_224", peft_folder)(images()))
+
+
+@pytest.mark.parametrize(
+    ("peft_options", "message"),
+    [
+        ({"target_modules": ["qkv", "proj"]}, r"LoRA on \['patch_embed\.proj'\] cannot be imported.*full path"),
+        ({"target_modules": ["blocks.0.attn.qkv", "blocks.1.mlp.fc2"]}, r"targets differ between blocks"),
+        ({"heads": False}, r"adapter_model\.safetensors: holds no classifier head"),
+    ],
+    ids=["bare-proj", "per-block-targets", "no-head"],
+)
+def test_peft_adapters_vitlora_cannot_represent_are_refused_clearly(tmp_path, peft_options, message):
+    peft_trained("vit_tiny_patch16_224", tmp_path, **peft_options)
+    with pytest.raises(AdapterError, match=message):
+        import_peft(tiny_model("vit_tiny_patch16_224"), tmp_path)
+
+
+def test_unreadable_folders_name_the_file(peft_folder, tmp_path):
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: no such file"):
+        read_peft(tmp_path)
+    with pytest.raises(AdapterError, match=r"not a PEFT LoRA adapter \(peft_type is 'IA3'\)"):
+        read_peft(edited(peft_folder, tmp_path, peft_type="IA3"))
+    (tmp_path / "edited" / "adapter_config.json").write_text("{")
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: not valid JSON"):
+        read_peft(tmp_path / "edited")
+    shutil.copy(peft_folder / "adapter_config.json", tmp_path / "edited")
+    (tmp_path / "edited" / "adapter_model.safetensors").rename(tmp_path / "edited" / "adapter_model.bin")
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: no such file .*never unpickles"):
+        read_peft(tmp_path / "edited")
+
+
+def test_export_never_replaces_an_unrelated_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds \['notes.txt'\]"):
+        export_peft(trained("vit_tiny_patch16_224"), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("adapt", "message"),
+    [
+        (lambda m: inject_lora(m, LoRAConfig(rank=2, use_dora=True)), "DoRA"),
+        (lambda m: add_prompt_tokens(inject_lora(m, LoRAConfig(rank=2)), PromptConfig(num_tokens=2)), "prompt tokens"),
+        (lambda m: enable_bias_tuning(inject_lora(m, LoRAConfig(rank=2))), "tuned biases"),
+    ],
+    ids=["dora", "prompts", "bitfit"],
+)
+def test_export_refuses_what_peft_cannot_hold_and_writes_nothing(tmp_path, adapt, message):
+    with pytest.raises(ValueError, match=f"out: PEFT export of adapters with {message} is not supported yet"):
+        export_peft(adapt(tiny_model()), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

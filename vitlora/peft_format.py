@@ -1,0 +1,355 @@
+"""Hugging Face PEFT adapter folders: vitlora LoRA to PEFT and back, exactly.
+
+A PEFT LoRA folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` (``r x in``), ``...lora_B.weight`` (``out x r``)
+and the classifier head(s) of ``modules_to_save`` as ``base_model.model.head.weight``. PEFT
+has one rank and one alpha for all modules and no update on chosen q/k/v slices of a fused
+``qkv``, so vitlora's q/v update on ``qkv`` is written as one rank ``n*r`` LoRA whose B is
+zero outside each slice's rows and rank columns, every other module zero-padded to that rank
+and alpha set so that the scaling is unchanged. vitlora's own header rides along in the
+safetensors metadata (PEFT ignores it), so the original config, classes and base fingerprint
+come back on import. Only files are handled here; PEFT itself is never imported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save as serialize
+from torch import nn
+
+from vitlora.adapter import (
+    Adapter,
+    AdapterError,
+    adapter_header,
+    apply_adapter,
+    build_model_with_adapter,
+    decode_adapter,
+    read_adapter,
+    resave_metadata,
+    save_adapter,
+)
+from vitlora.files import atomic_directory
+from vitlora.lora import LoRAConfig, lora_config, lora_modules
+from vitlora.prompts import prompt_config
+from vitlora.targets import (
+    CLASSIFIER_NAMES,
+    PROJECTIONS,
+    SITE_PATHS,
+    VALID_TARGETS,
+    classifier_prefixes,
+    qkv_slices,
+    rerouted_attention,
+    site_target,
+)
+from vitlora.trainable import bias_tuning_enabled
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+HEADER_KEY = "vitlora"  # safetensors metadata entry holding vitlora's adapter header as JSON
+
+# PEFT options that change what the saved tensors mean, with the value that leaves LoRA plain.
+_PLAIN_OPTIONS: dict[str, Any] = {
+    "use_dora": False, "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
+    "use_qalora": False, "use_bdlora": False, "alora_invocation_tokens": None, "arrow_config": None,
+    "velora_config": None, "monteclora_config": None, "kasa_config": None, "layer_replication": None,
+    "target_parameters": None, "trainable_token_indices": None, "megatron_config": None,
+}  # fmt: skip
+# Initialisations besides True/False that leave the base weights alone (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA
+# rewrite them, so the saved tensors only fit a changed base).
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal")
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike, **metadata: Any) -> Path:
+    """Writes a vitlora LoRA model as a PEFT adapter folder, atomically.
+
+    ``peft.PeftModel.from_pretrained(timm_model, directory)`` then gives the same logits on the
+    same base (the heads travel in ``modules_to_save``). ``metadata`` is
+    :func:`vitlora.save_adapter`'s (``class_names``, ``model_name``, ...). EVA attention that
+    reads ``qkv.weight`` directly also bypasses PEFT's layers: a warning says so.
+    """
+    model = getattr(model, "_orig_mod", model)
+    config = lora_config(model)
+    unsupported = [
+        label
+        for label, present in (
+            ("DoRA", config.use_dora),
+            ("prompt tokens", prompt_config(model) is not None),
+            ("tuned biases", bias_tuning_enabled(model)),
+        )
+        if present
+    ]
+    if unsupported:
+        raise ValueError(f"{directory}: PEFT export of adapters with {' and '.join(unsupported)} is not supported yet.")
+    header = adapter_header(model, **metadata)
+    modules = lora_modules(model)
+    rank = max(len(layer.slices) for _, layer in modules) * config.rank
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, layer in modules:
+            a, b = layer.lora_A, layer.expanded_lora_B()
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
+    heads = classifier_prefixes(model)
+    tensors.update({PREFIX + key: t.detach() for key, t in model.state_dict().items() if key.startswith(heads)})
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": header["model_name"] or None,
+        "r": rank,
+        "lora_alpha": config.alpha * (math.sqrt(rank / config.rank) if config.use_rslora else rank / config.rank),
+        "use_rslora": config.use_rslora,
+        "lora_dropout": config.dropout,
+        "target_modules": [name for name, _ in modules],  # full paths: a bare "proj" matches patch_embed.proj
+        "modules_to_save": [prefix.rstrip(".") for prefix in heads],
+        "bias": "none",
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    payload = serialize(
+        {key: t.to("cpu").contiguous() for key, t in tensors.items()},
+        metadata={"format": "pt", HEADER_KEY: json.dumps(header)},
+    )
+    adapted = {name for name, _ in modules}
+    bypassed = [name for name in rerouted_attention(model) if f"{name}.qkv" in adapted]
+    if bypassed:
+        warnings.warn(
+            f"{directory}: PEFT's LoRA on {bypassed[0]}.qkv and {len(bypassed) - 1} more like it would have no "
+            "effect, as timm's attention reads qkv.weight directly there; call "
+            "vitlora.targets.route_fused_qkv_through_module(model) before PeftModel.from_pretrained.",
+            stacklevel=2,
+        )
+    with atomic_directory(directory) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
+        (tmp / WEIGHTS_NAME).write_bytes(payload)
+    return Path(directory)
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
+    """Loads a PEFT LoRA adapter folder onto a plain timm model as vitlora LoRA; returns the model.
+
+    Same logits as PEFT gives (on EVA's fused qkv: as PEFT would if it reached that layer).
+    Errors are :class:`vitlora.AdapterError` naming the file and problem, and leave the model
+    untouched, as :func:`vitlora.load_adapter` does; ``check_base`` applies to folders vitlora wrote.
+    """
+    return apply_adapter(model, read_peft(directory), check_base=check_base)
+
+
+def convert_adapter(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    weights: str | os.PathLike | None = None,
+    model_name: str | None = None,
+) -> Path:
+    """vitlora file -> PEFT folder, or PEFT folder -> vitlora file (direction from the paths), through the
+    base model both belong on (``weights``: a local base file; ``model_name``: for PEFT folders naming none)."""
+    source, output = Path(source), Path(output)
+    to_peft = source.suffix == ".safetensors"
+    if to_peft == (output.suffix == ".safetensors"):
+        raise ValueError(f"convert {source} -> {output}: one must be a .safetensors file, the other a PEFT folder.")
+    adapter = read_adapter(source) if to_peft else read_peft(source)
+    if not (model_name or adapter.model_name):
+        raise AdapterError(source, "records no timm model name: pass --model NAME (and --weights BASE_FILE).")
+    model, _ = build_model_with_adapter(adapter, weights, model_name=model_name)
+    metadata = resave_metadata(adapter) | ({"model_name": model_name} if model_name else {})
+    return export_peft(model, output, **metadata) if to_peft else save_adapter(model, output, **metadata)
+
+
+def read_peft(directory: str | os.PathLike) -> Adapter:
+    """A PEFT LoRA adapter folder as a vitlora :class:`~vitlora.Adapter`, without touching any model.
+
+    A folder vitlora exported comes back with its original config, classes and base fingerprint
+    (unless PEFT has changed its tensors since); any other keeps PEFT's rank and alpha, and
+    names its timm model only if ``base_model_name_or_path`` is one.
+    """
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    peft_config = _read_config(config_path)
+    if not weights_path.is_file():
+        found = " (vitlora never unpickles adapter_model.bin: save it with safe_serialization=True)"
+        raise AdapterError(
+            weights_path, "no such file" + (found if (directory / "adapter_model.bin").exists() else ".")
+        )
+    try:
+        with safetensors.safe_open(weights_path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except SafetensorError as error:
+        raise AdapterError(weights_path, f"not a readable safetensors file ({error}).") from error
+    pairs, heads = _split_tensors(weights_path, tensors)
+    generic = _peft_lora_config(config_path, peft_config, pairs)
+    exported = _exported_header(weights_path, metadata)
+    restored = _restore_vitlora_layout(exported.config, pairs) if exported else None
+    config, lora = (exported.config, restored) if restored else (generic, _vitlora_names(pairs))
+    return Adapter(
+        path=directory,
+        config=config,
+        tensors={**lora, **heads},
+        num_classes=int(heads["head.weight"].shape[0]),
+        architecture=exported.architecture if exported else None,
+        model_name=exported.model_name if exported else _timm_name(peft_config.get("base_model_name_or_path")),
+        class_names=exported.class_names if exported else None,
+        base_fingerprint=exported.base_fingerprint if exported else None,
+        metadata=exported.metadata if exported else {},
+    )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise AdapterError(path, "no such file: not a PEFT adapter folder.")
+    try:
+        peft_config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise AdapterError(path, f"not valid JSON ({error}).") from error
+    if not isinstance(peft_config, dict) or peft_config.get("peft_type") != "LORA":
+        kind = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
+        raise AdapterError(path, f"not a PEFT LoRA adapter (peft_type is {kind!r}).")
+    for option, plain in _PLAIN_OPTIONS.items():
+        if peft_config.get(option, plain) not in (plain, None, False, {}, []):
+            hint = " (DoRA is not supported yet)" if option == "use_dora" else ""
+            raise AdapterError(path, f"PEFT option {option}={peft_config[option]!r} is not supported by vitlora{hint}.")
+    init = peft_config.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or init in _PLAIN_INITS):
+        raise AdapterError(
+            path,
+            f"PEFT option init_lora_weights={init!r} is not supported by vitlora: it changes the base weights "
+            "(PEFT converts such adapters to plain LoRA with save_pretrained(path_initial_model_for_weight_conversion=...)).",
+        )
+    extra = sorted(set(peft_config.get("modules_to_save") or ()) - set(CLASSIFIER_NAMES))
+    if extra:
+        raise AdapterError(
+            path, f"modules_to_save {extra} are not supported: vitlora adapters carry only {list(CLASSIFIER_NAMES)}."
+        )
+    return peft_config
+
+
+def _split_tensors(
+    path: Path, tensors: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """PEFT keys to ``{module path: {"A": .., "B": ..}}`` and the heads by their timm keys."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    heads: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PREFIX)
+        module, _, leaf = name.rpartition(".lora_")
+        if key.startswith(PREFIX) and leaf in ("A.weight", "B.weight"):
+            pairs.setdefault(module, {})[leaf[0]] = tensor
+        elif key.startswith(PREFIX) and name.startswith(tuple(f"{head}." for head in CLASSIFIER_NAMES)):
+            heads[name] = tensor
+        else:
+            unexpected.append(key)
+    foreign = sorted(module for module in pairs if site_target(module) is None)
+    if foreign:
+        raise AdapterError(
+            path,
+            f"LoRA on {foreign[:5]} cannot be imported: vitlora adapts {SITE_PATHS} "
+            "(name PEFT's target_modules by full path: a bare 'proj' also matches patch_embed.proj).",
+        )
+    if unexpected:
+        raise AdapterError(path, f"unexpected tensors {sorted(unexpected)[:5]} (not LoRA A/B or a classifier head).")
+    misshapen = sorted(
+        module
+        for module, pair in pairs.items()
+        if pair.keys() != {"A", "B"} or pair["A"].ndim != 2 or pair["B"].ndim != 2
+        or pair["A"].shape[0] != pair["B"].shape[1]
+    )  # fmt: skip
+    if misshapen:
+        raise AdapterError(path, f"LoRA on {misshapen[:5]} is not a matching pair of 2-D lora_A and lora_B.")
+    if not pairs:
+        raise AdapterError(path, "holds no LoRA tensors.")
+    if "head.weight" not in heads:
+        raise AdapterError(
+            path, "holds no classifier head: vitlora adapters carry it (train with modules_to_save=['head'])."
+        )
+    return pairs, heads
+
+
+def _peft_lora_config(path: Path, peft_config: Mapping[str, Any], pairs: Mapping[str, Mapping]) -> LoRAConfig:
+    """PEFT's own rank, alpha and modules as a vitlora config: one set of targets for the chosen blocks."""
+    targets_by_block: dict[int, set[str]] = {}
+    for module in pairs:
+        block, target = site_target(module)
+        targets_by_block.setdefault(block, set()).add(target)
+    target_sets = {frozenset(targets) for targets in targets_by_block.values()}
+    if len(target_sets) > 1:
+        found = {block: sorted(targets) for block, targets in sorted(targets_by_block.items())}
+        raise AdapterError(
+            path, f"LoRA targets differ between blocks ({found}): vitlora adapts the same targets in each chosen block."
+        )
+    ranks = sorted({int(pair["A"].shape[0]) for pair in pairs.values()})
+    try:
+        config = LoRAConfig(
+            rank=peft_config.get("r", 8),
+            alpha=peft_config.get("lora_alpha", 8),
+            dropout=peft_config.get("lora_dropout", 0.0),
+            targets=tuple(t for t in VALID_TARGETS if t in next(iter(target_sets))),
+            blocks=sorted(targets_by_block),
+            use_rslora=bool(peft_config.get("use_rslora", False)),
+        )
+    except ValueError as error:
+        raise AdapterError(path, f"unsupported PEFT LoRA settings: {error}") from error
+    if ranks != [config.rank]:
+        raise AdapterError(path, f"r is {config.rank} but the tensors have rank {ranks}.")
+    return config
+
+
+def _exported_header(path: Path, metadata: Mapping[str, str]) -> Adapter | None:
+    """vitlora's header from a folder it exported (None for other folders), decoded and validated."""
+    if HEADER_KEY not in metadata:
+        return None
+    try:
+        header = json.loads(metadata[HEADER_KEY])
+    except ValueError as error:
+        raise AdapterError(path, f"metadata {HEADER_KEY!r} is not valid JSON ({error}).") from error
+    if not isinstance(header, dict):
+        raise AdapterError(path, f"metadata {HEADER_KEY!r} is not a vitlora adapter header.")
+    return decode_adapter(path, header, {})
+
+
+def _restore_vitlora_layout(
+    config: LoRAConfig, pairs: Mapping[str, Mapping[str, torch.Tensor]]
+) -> dict[str, torch.Tensor] | None:
+    """The vitlora tensors export_peft expanded, or None if PEFT has changed the zero blocks since."""
+    parts = [p for p in PROJECTIONS if p in config.targets]
+    tensors: dict[str, torch.Tensor] = {}
+    for module, pair in pairs.items():
+        a, b = pair["A"], pair["B"]
+        fused_parts = site_target(module)[1] == "qkv" and parts
+        slices = qkv_slices(b.shape[0], parts) if fused_parts else ((0, b.shape[0]),)
+        rank, used = config.rank, len(slices) * config.rank
+        if a.shape[0] < used or a[used:].any():
+            return None
+        blocks = [b[start:stop, i * rank : (i + 1) * rank] for i, (start, stop) in enumerate(slices)]
+        rest = b.clone()
+        for i, (start, stop) in enumerate(slices):
+            rest[start:stop, i * rank : (i + 1) * rank] = 0
+        if rest.any():
+            return None
+        tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"] = a[:used], torch.cat(blocks)
+    return tensors
+
+
+def _vitlora_names(pairs: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{module}.lora_{part}": tensor for module, pair in pairs.items() for part, tensor in pair.items()}
+
+
+def _timm_name(name: Any) -> str | None:
+    """A timm model name from PEFT's base_model_name_or_path (``timm/...`` and ``hf-hub:`` allowed)."""
+    if not isinstance(name, str):
+        return None
+    name = name.removeprefix("hf-hub:").removeprefix("timm/")
+    return name if timm.is_model(name) else None
