@@ -143,6 +143,11 @@ def test_grocery_compare_config_reuses_the_grocery_recipes():
         ("lora", "grocery_lora.yaml", {}),
         ("full", "grocery_full.yaml", {}),
         ("linear", "grocery_linear.yaml", {}),
+        ("dora", "grocery_lora.yaml", {"model.lora.use_dora": True}),
+        ("lora_plus", "grocery_lora.yaml", {"model.lora_plus_ratio": 4.0}),
+        ("lora_bitfit", "grocery_lora.yaml", {"model.bias_tuning": True}),
+        ("vpt_deep", "grocery_linear.yaml", {"model.prompt.num_tokens": 8, "model.prompt.deep": True}),
+        ("bitfit", "grocery_linear.yaml", {"model.bias_tuning": True}),
     ]
     assert [m.name for m in load_compare_config(RECIPES / "grocery_compare.yaml", only=["linear", "lora"])] == [
         "linear",

@@ -195,13 +195,17 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     path = Path(path)
     if not path.is_file():
         raise AdapterError(path, "no such adapter file.")
+    header, tensors = read_safetensors(path)
+    return decode_adapter(path, header, tensors)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's metadata and tensors; an unreadable file is an AdapterError naming it."""
     try:
         with safetensors.safe_open(path, framework="pt") as handle:
-            header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            return handle.metadata() or {}, {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except SafetensorError as error:
         raise AdapterError(path, f"not a readable safetensors file ({error}).") from error
-    return decode_adapter(path, header, tensors)
 
 
 def decode_adapter(path: str | os.PathLike, header: dict[str, str], tensors: dict[str, torch.Tensor]) -> Adapter:

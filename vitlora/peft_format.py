@@ -21,10 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import timm
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save as serialize
 from torch import nn
 
@@ -36,6 +34,7 @@ from vitlora.adapter import (
     build_model_with_adapter,
     decode_adapter,
     read_adapter,
+    read_safetensors,
     resave_metadata,
     save_adapter,
 )
@@ -183,12 +182,7 @@ def read_peft(directory: str | os.PathLike) -> Adapter:
         raise AdapterError(
             weights_path, "no such file" + (found if (directory / "adapter_model.bin").exists() else ".")
         )
-    try:
-        with safetensors.safe_open(weights_path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except SafetensorError as error:
-        raise AdapterError(weights_path, f"not a readable safetensors file ({error}).") from error
+    metadata, tensors = read_safetensors(weights_path)
     pairs, heads = _split_tensors(weights_path, tensors)
     generic = _peft_lora_config(config_path, peft_config, pairs)
     exported = _exported_header(weights_path, metadata)
