@@ -209,8 +209,8 @@ def test_bad_compare_configs_name_the_file_and_the_problem(tmp_path, text, probl
 
 
 def test_unknown_method_names_and_used_output_folders_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"no methods named \['dora'\]"):
-        load_compare_config(RECIPES / "grocery_compare.yaml", only=["dora"])
+    with pytest.raises(ValueError, match=r"no methods named \['no_such_method'\]"):
+        load_compare_config(RECIPES / "grocery_compare.yaml", only=["no_such_method"])
     (tmp_path / "old.txt").write_text("a previous comparison")
     with pytest.raises(ValueError, match="already holds files"):
         compare_methods([MethodSpec("lora", RECIPES / "smoke.yaml")], tmp_path)
