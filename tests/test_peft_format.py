@@ -369,7 +369,8 @@ def test_dora_magnitude_on_a_fused_qkv_keeps_q_and_v_and_fills_k_with_the_base_n
     assert magnitude.shape == (192,)
     assert torch.equal(magnitude[:64], layer.lora_magnitude[:64])  # q
     assert torch.equal(magnitude[128:], layer.lora_magnitude[64:])  # v
-    torch.testing.assert_close(magnitude[64:128], torch.linalg.vector_norm(layer.weight[64:128], dim=1))
+    peft_norms = torch.linalg.norm(layer.weight + layer.delta_weight(), dim=1)  # PEFT's ||W + dW||, dW_k = 0
+    assert torch.equal(magnitude[64:128], peft_norms[64:128])  # so PEFT's k scale m / ||W_k + 0|| is exactly 1
     fc2 = model.get_submodule("blocks.0.mlp.fc2")
     assert torch.equal(tensors["base_model.model.blocks.0.mlp.fc2.lora_magnitude_vector"], fc2.lora_magnitude)
 
