@@ -15,12 +15,16 @@ from vitlora import (
     PromptConfig,
     adapter_state_dict,
     add_prompt_tokens,
+    convert_adapter,
     enable_bias_tuning,
     export_peft,
     import_peft,
     inject_lora,
+    read_adapter,
     read_peft,
+    save_adapter,
 )
+from vitlora.adapter import apply_adapter
 from vitlora.lora import lora_config, lora_modules
 from vitlora.targets import classifier_names, route_fused_qkv_through_module
 
@@ -61,6 +65,11 @@ def peft_trained(name, directory, target_modules=EVERY_SITE, heads=True, **confi
         **config,
     )
     peft_model = peft.get_peft_model(model, lora).eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # DoRA's magnitude starts at ||W + dW||, where it changes nothing: move it
+        for key, parameter in peft_model.named_parameters():
+            if "lora_magnitude_vector" in key:
+                parameter.mul_(1 + 0.2 * torch.randn(parameter.shape, generator=generator))
     peft_model.save_pretrained(directory)
     return peft_model
 
@@ -248,7 +257,6 @@ def edited(folder, tmp_path, **changes):
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("use_dora", True),
         ("bias", "lora_only"),
         ("lora_bias", True),
         ("rank_pattern", {"blocks.0.attn.qkv": 8}),
@@ -263,9 +271,8 @@ def edited(folder, tmp_path, **changes):
 def test_unsupported_peft_options_are_refused_by_name_and_the_model_left_alone(peft_folder, tmp_path, option, value):
     model = tiny_model("vit_tiny_patch16_224")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(AdapterError, match=rf"adapter_config\.json: .*{option}.*not supported") as error:
+    with pytest.raises(AdapterError, match=rf"adapter_config\.json: .*{option}.*not supported"):
         import_peft(model, edited(peft_folder, tmp_path, **{option: value}))
-    assert option != "use_dora" or "DoRA" in str(error.value)
     assert model.state_dict().keys() == before.keys() and not lora_modules(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -318,13 +325,148 @@ def test_export_never_replaces_an_unrelated_folder(tmp_path):
 @pytest.mark.parametrize(
     ("adapt", "message"),
     [
-        (lambda m: inject_lora(m, LoRAConfig(rank=2, use_dora=True)), "DoRA"),
         (lambda m: add_prompt_tokens(inject_lora(m, LoRAConfig(rank=2)), PromptConfig(num_tokens=2)), "prompt tokens"),
         (lambda m: enable_bias_tuning(inject_lora(m, LoRAConfig(rank=2))), "tuned biases"),
     ],
-    ids=["dora", "prompts", "bitfit"],
+    ids=["prompts", "bitfit"],
 )
 def test_export_refuses_what_peft_cannot_hold_and_writes_nothing(tmp_path, adapt, message):
     with pytest.raises(ValueError, match=f"out: PEFT export of adapters with {message} is not supported yet"):
         export_peft(adapt(tiny_model()), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- DoRA: PEFT's use_dora ----------------------------------------------------------------
+
+DORA_CONFIGS = [
+    {"targets": ("q", "v")},
+    {"targets": ("qkv", "proj", "fc1", "fc2"), "use_rslora": True},
+    {"targets": ("q", "v", "fc2"), "blocks": [-1]},
+]
+DORA_IDS = ["q-v", "whole-layers-rslora", "q-v-and-rank-padded-fc2"]
+
+
+@pytest.mark.parametrize("name", PEFT_FAMILIES)
+@pytest.mark.parametrize("config", DORA_CONFIGS, ids=DORA_IDS)
+def test_dora_export_loads_in_peft_with_the_same_logits(tmp_path, name, config):
+    """On a fused qkv PEFT scales k too: the base's own k-row norms as magnitudes make that scale 1."""
+    model = trained(name, use_dora=True, **config)
+    export_peft(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+    peft_model = from_pretrained(name, tmp_path)
+    assert len([n for n, _ in peft_model.named_parameters() if "lora_magnitude_vector" in n]) == len(
+        lora_modules(model)
+    )
+    torch.testing.assert_close(peft_model(images()), model(images()), **TOLERANCE)
+
+
+def test_dora_magnitude_on_a_fused_qkv_keeps_q_and_v_and_fills_k_with_the_base_norms(tmp_path):
+    model = trained("vit_tiny_patch16_224", targets=("q", "v", "fc2"), use_dora=True)
+    export_peft(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    layer = model.get_submodule("blocks.0.attn.qkv")
+    magnitude = tensors["base_model.model.blocks.0.attn.qkv.lora_magnitude_vector"]
+    assert magnitude.shape == (192,)
+    assert torch.equal(magnitude[:64], layer.lora_magnitude[:64])  # q
+    assert torch.equal(magnitude[128:], layer.lora_magnitude[64:])  # v
+    peft_norms = torch.linalg.norm(layer.weight + layer.delta_weight(), dim=1)  # PEFT's ||W + dW||, dW_k = 0
+    assert torch.equal(magnitude[64:128], peft_norms[64:128])  # so PEFT's k scale m / ||W_k + 0|| is exactly 1
+    fc2 = model.get_submodule("blocks.0.mlp.fc2")
+    assert torch.equal(tensors["base_model.model.blocks.0.mlp.fc2.lora_magnitude_vector"], fc2.lora_magnitude)
+
+
+@pytest.mark.parametrize("name", PEFT_FAMILIES)
+def test_dora_import_gives_the_logits_peft_gives(tmp_path, name):
+    peft_model = peft_trained(name, tmp_path, use_dora=True)
+    model = import_peft(tiny_model(name, num_classes=1000), tmp_path).eval()
+    assert lora_config(model).use_dora
+    torch.testing.assert_close(model(images()), peft_model(images()), **TOLERANCE)
+    for path, layer in lora_modules(model):
+        peft_layer = peft_model.base_model.model.get_submodule(path)
+        assert torch.equal(layer.lora_magnitude, peft_layer.lora_magnitude_vector["default"].weight)
+
+
+@pytest.mark.filterwarnings("ignore:.*reads qkv.weight directly")
+@pytest.mark.parametrize("config", DORA_CONFIGS, ids=DORA_IDS)
+def test_dora_vitlora_to_peft_to_vitlora_is_exact(tmp_path, model_name, config):
+    model = trained(model_name, use_dora=True, **config)
+    export_peft(model, tmp_path, class_names=CLASSES)
+    assert read_peft(tmp_path, base=tiny_model(model_name)).config == lora_config(model)
+    back = import_peft(tiny_model(model_name, num_classes=1000), tmp_path)
+    assert torch.equal(back(images()), model(images()))
+    original = adapter_state_dict(model)
+    assert original.keys() == adapter_state_dict(back).keys()
+    assert all(torch.equal(tensor, original[key]) for key, tensor in adapter_state_dict(back).items())
+
+
+def test_dora_q_v_read_without_a_base_keeps_peft_whole_layer_form_and_its_logits(tmp_path):
+    """The k-row magnitudes cannot be checked without the base, so they stay: the same logits either way."""
+    model = trained("vit_tiny_patch16_224", targets=("q", "v"), use_dora=True)
+    export_peft(model, tmp_path, class_names=CLASSES)
+    adapter = read_peft(tmp_path)
+    assert (adapter.config.targets, adapter.config.rank, adapter.config.use_dora) == (("qkv",), 8, True)
+    assert adapter.class_names == CLASSES
+    assert adapter.tensors["blocks.0.attn.qkv.lora_magnitude"].shape == (192,)
+    whole_layer = apply_adapter(tiny_model(), adapter)
+    torch.testing.assert_close(whole_layer(images()), model(images()), **TOLERANCE)
+
+
+def scaled_k_magnitudes(folder):
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    with safe_open(weights, "pt") as handle:
+        metadata = handle.metadata()
+    for key, tensor in tensors.items():
+        if key.endswith("attn.qkv.lora_magnitude_vector"):
+            tensor[64:128] *= 1.5
+    save_file(tensors, weights, metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("change", "base_seed"),
+    [(scaled_k_magnitudes, 0), (lambda folder: None, 1)],
+    ids=["k-magnitudes-edited", "another-base"],
+)
+def test_dora_k_magnitudes_that_are_not_the_base_norms_come_back_in_peft_form(tmp_path, change, base_seed):
+    """Dropping them would change k's outputs, so import keeps PEFT's whole-layer DoRA on qkv and its logits."""
+    name = "vit_tiny_patch16_224"
+    model = trained(name, targets=("q", "v"), use_dora=True)
+    export_peft(model, tmp_path / "peft")
+    change(tmp_path / "peft")
+    imported = import_peft(tiny_model(name, seed=base_seed), tmp_path / "peft", check_base=False)
+    assert (lora_config(imported).targets, lora_config(imported).rank) == (("qkv",), 8)
+    peft_model = peft.PeftModel.from_pretrained(tiny_model(name, seed=base_seed), tmp_path / "peft").eval()
+    torch.testing.assert_close(imported(images()), peft_model(images()), **TOLERANCE)
+    qkv = imported.get_submodule("blocks.0.attn.qkv")
+    k_scale = qkv.lora_magnitude[64:128] / torch.linalg.vector_norm(qkv.weight[64:128], dim=1)
+    assert (k_scale - 1).abs().max() > 1e-2  # PEFT scales k: vitlora's q/v layout (k scale 1) would be wrong
+
+
+def test_dora_convert_to_peft_and_back_is_exact(tmp_path):
+    """convert checks the k-row magnitudes against the base it builds from --weights."""
+    name, kwargs = (
+        "vit_tiny_patch16_224",
+        {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2},
+    )
+    save_file(tiny_model(name).state_dict(), tmp_path / "base.safetensors")
+    model = trained(name, targets=("q", "v", "fc2"), use_dora=True)
+    save_adapter(model, tmp_path / "dora.safetensors", class_names=CLASSES, model_name=name, model_kwargs=kwargs)
+    convert_adapter(tmp_path / "dora.safetensors", tmp_path / "peft", weights=tmp_path / "base.safetensors")
+    convert_adapter(tmp_path / "peft", tmp_path / "back.safetensors", weights=tmp_path / "base.safetensors")
+    original, back = read_adapter(tmp_path / "dora.safetensors"), read_adapter(tmp_path / "back.safetensors")
+    assert (back.config, back.class_names) == (original.config, original.class_names)
+    assert back.tensors.keys() == original.tensors.keys()
+    assert all(torch.equal(back.tensors[key], tensor) for key, tensor in original.tensors.items())
+
+
+def test_dora_tensors_and_config_that_disagree_are_refused_by_file(tmp_path):
+    peft_trained("vit_tiny_patch16_224", tmp_path / "plain")
+    with pytest.raises(
+        AdapterError, match=r"adapter_model\.safetensors: use_dora is set but LoRA on .* no lora_magnitude"
+    ):
+        read_peft(edited(tmp_path / "plain", tmp_path, use_dora=True))
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: PEFT option use_dora='yes' is not true or false"):
+        read_peft(edited(tmp_path / "plain", tmp_path / "yes", use_dora="yes"))
+    peft_trained("vit_tiny_patch16_224", tmp_path / "dora", use_dora=True)
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: unexpected tensors .*lora_magnitude_vector"):
+        read_peft(edited(tmp_path / "dora", tmp_path / "off", use_dora=False))

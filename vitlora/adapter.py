@@ -296,13 +296,19 @@ def build_model_with_adapter(
     :func:`load_adapter`.
     """
     adapter = source if isinstance(source, Adapter) else read_adapter(source)
+    return apply_adapter(build_base(adapter, weights, model_name=model_name), adapter).eval(), adapter
+
+
+def build_base(
+    adapter: Adapter, weights: str | os.PathLike | None = None, *, model_name: str | None = None
+) -> nn.Module:
+    """The plain timm model ``adapter`` belongs on, as :func:`build_model_with_adapter` describes it."""
     name = model_name or adapter.model_name
     if not name:
         raise AdapterError(adapter.path, "records no timm model name to build the base model from: name one.")
     if not timm.is_model(name):
         raise AdapterError(adapter.path, f"records timm model {name!r}, unknown to timm {timm.__version__}.")
-    model = create_backbone(name, adapter.num_classes, weights=weights, **adapter.model_kwargs)
-    return apply_adapter(model, adapter).eval(), adapter
+    return create_backbone(name, adapter.num_classes, weights=weights, **adapter.model_kwargs)
 
 
 def apply_adapter(model: nn.Module, adapter: Adapter, *, check_base: bool = True) -> nn.Module:

@@ -1,14 +1,17 @@
 """Hugging Face PEFT adapter folders: vitlora LoRA to PEFT and back, exactly.
 
 A PEFT LoRA folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
-``base_model.model.<module>.lora_A.weight`` (``r x in``), ``...lora_B.weight`` (``out x r``)
-and the classifier head(s) of ``modules_to_save`` as ``base_model.model.head.weight``. PEFT
-has one rank and one alpha for all modules and no update on chosen q/k/v slices of a fused
-``qkv``, so vitlora's q/v update on ``qkv`` is written as one rank ``n*r`` LoRA whose B is
-zero outside each slice's rows and rank columns, every other module zero-padded to that rank
-and alpha set so that the scaling is unchanged. vitlora's own header rides along in the
-safetensors metadata (PEFT ignores it), so the original config, classes and base fingerprint
-come back on import. Only files are handled here; PEFT itself is never imported.
+``base_model.model.<module>.lora_A.weight`` (``r x in``), ``...lora_B.weight`` (``out x r``),
+with DoRA (``use_dora``) ``...lora_magnitude_vector`` (``out``), and the classifier head(s) of
+``modules_to_save`` as ``base_model.model.head.weight``. PEFT has one rank and one alpha for all
+modules and no update on chosen q/k/v slices of a fused ``qkv``, so vitlora's q/v update on
+``qkv`` is written as one rank ``n*r`` LoRA whose B is zero outside each slice's rows and rank
+columns, every other module zero-padded to that rank and alpha set so that the scaling is
+unchanged. PEFT's DoRA magnitude covers every row: rows vitlora does not update (k) get the
+base's own row norms, where PEFT's update is zero, so its scale there is exactly 1. vitlora's
+own header rides along in the safetensors metadata (PEFT ignores it), so the original config,
+classes and base fingerprint come back on import. Only files are handled here; PEFT itself is
+never imported.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from vitlora.adapter import (
     AdapterError,
     adapter_header,
     apply_adapter,
-    build_model_with_adapter,
+    build_base,
     decode_adapter,
     read_adapter,
     read_safetensors,
@@ -39,7 +42,7 @@ from vitlora.adapter import (
     save_adapter,
 )
 from vitlora.files import atomic_directory
-from vitlora.lora import LoRAConfig, lora_config, lora_modules
+from vitlora.lora import LoRAConfig, LoRALinear, lora_config, lora_modules, place_rows
 from vitlora.prompts import prompt_config
 from vitlora.targets import (
     CLASSIFIER_NAMES,
@@ -60,7 +63,7 @@ HEADER_KEY = "vitlora"  # safetensors metadata entry holding vitlora's adapter h
 
 # PEFT options that change what the saved tensors mean, with the value that leaves LoRA plain.
 _PLAIN_OPTIONS: dict[str, Any] = {
-    "use_dora": False, "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
+    "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
     "use_qalora": False, "use_bdlora": False, "alora_invocation_tokens": None, "arrow_config": None,
     "velora_config": None, "monteclora_config": None, "kasa_config": None, "layer_replication": None,
     "target_parameters": None, "trainable_token_indices": None, "megatron_config": None,
@@ -74,7 +77,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, **metadata: Any)
     """Writes a vitlora LoRA model as a PEFT adapter folder, atomically.
 
     ``peft.PeftModel.from_pretrained(timm_model, directory)`` then gives the same logits on the
-    same base (the heads travel in ``modules_to_save``). ``metadata`` is
+    same base (the heads travel in ``modules_to_save``), DoRA included. ``metadata`` is
     :func:`vitlora.save_adapter`'s (``class_names``, ``model_name``, ...). EVA attention that
     reads ``qkv.weight`` directly also bypasses PEFT's layers: a warning says so.
     """
@@ -83,7 +86,6 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, **metadata: Any)
     unsupported = [
         label
         for label, present in (
-            ("DoRA", config.use_dora),
             ("prompt tokens", prompt_config(model) is not None),
             ("tuned biases", bias_tuning_enabled(model)),
         )
@@ -100,6 +102,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, **metadata: Any)
             a, b = layer.lora_A, layer.expanded_lora_B()
             tensors[f"{PREFIX}{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
             tensors[f"{PREFIX}{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
+            if config.use_dora:
+                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = _magnitude_on_every_row(layer)
     heads = classifier_prefixes(model)
     tensors.update({PREFIX + key: t.detach() for key, t in model.state_dict().items() if key.startswith(heads)})
     peft_config = {
@@ -113,7 +117,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, **metadata: Any)
         "target_modules": [name for name, _ in modules],  # full paths: a bare "proj" matches patch_embed.proj
         "modules_to_save": [prefix.rstrip(".") for prefix in heads],
         "bias": "none",
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -143,7 +147,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, check_base: b
     Errors are :class:`vitlora.AdapterError` naming the file and problem, and leave the model
     untouched, as :func:`vitlora.load_adapter` does; ``check_base`` applies to folders vitlora wrote.
     """
-    return apply_adapter(model, read_peft(directory), check_base=check_base)
+    return apply_adapter(model, read_peft(directory, base=model), check_base=check_base)
 
 
 def convert_adapter(
@@ -162,17 +166,21 @@ def convert_adapter(
     adapter = read_adapter(source) if to_peft else read_peft(source)
     if not (model_name or adapter.model_name):
         raise AdapterError(source, "records no timm model name: pass --model NAME (and --weights BASE_FILE).")
-    model, _ = build_model_with_adapter(adapter, weights, model_name=model_name)
+    base = build_base(adapter, weights, model_name=model_name)
+    model = apply_adapter(base, adapter) if to_peft else import_peft(base, source)
     metadata = resave_metadata(adapter) | ({"model_name": model_name} if model_name else {})
     return export_peft(model, output, **metadata) if to_peft else save_adapter(model, output, **metadata)
 
 
-def read_peft(directory: str | os.PathLike) -> Adapter:
-    """A PEFT LoRA adapter folder as a vitlora :class:`~vitlora.Adapter`, without touching any model.
+def read_peft(directory: str | os.PathLike, base: nn.Module | None = None) -> Adapter:
+    """A PEFT LoRA adapter folder as a vitlora :class:`~vitlora.Adapter`; ``base`` is only read.
 
     A folder vitlora exported comes back with its original config, classes and base fingerprint
     (unless PEFT has changed its tensors since); any other keeps PEFT's rank and alpha, and
-    names its timm model only if ``base_model_name_or_path`` is one.
+    names its timm model only if ``base_model_name_or_path`` is one. DoRA on some rows of a
+    fused qkv (q and v) comes back as such only if the other rows' magnitudes are still the
+    row norms of ``base`` (the model it will load onto); without ``base`` it keeps PEFT's
+    whole-layer form, which gives the same logits.
     """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -183,10 +191,10 @@ def read_peft(directory: str | os.PathLike) -> Adapter:
             weights_path, "no such file" + (found if (directory / "adapter_model.bin").exists() else ".")
         )
     metadata, tensors = read_safetensors(weights_path)
-    pairs, heads = _split_tensors(weights_path, tensors)
+    pairs, heads = _split_tensors(weights_path, tensors, use_dora=bool(peft_config.get("use_dora")))
     generic = _peft_lora_config(config_path, peft_config, pairs)
     exported = _exported_header(weights_path, metadata)
-    restored = _restore_vitlora_layout(exported.config, pairs) if exported else None
+    restored = _restore_vitlora_layout(exported.config, pairs, base) if exported else None
     config, lora = (exported.config, restored) if restored else (generic, _vitlora_names(pairs))
     return Adapter(
         path=directory,
@@ -213,8 +221,9 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise AdapterError(path, f"not a PEFT LoRA adapter (peft_type is {kind!r}).")
     for option, plain in _PLAIN_OPTIONS.items():
         if peft_config.get(option, plain) not in (plain, None, False, {}, []):
-            hint = " (DoRA is not supported yet)" if option == "use_dora" else ""
-            raise AdapterError(path, f"PEFT option {option}={peft_config[option]!r} is not supported by vitlora{hint}.")
+            raise AdapterError(path, f"PEFT option {option}={peft_config[option]!r} is not supported by vitlora.")
+    if peft_config.get("use_dora") not in (True, False, None):
+        raise AdapterError(path, f"PEFT option use_dora={peft_config['use_dora']!r} is not true or false.")
     init = peft_config.get("init_lora_weights", True)
     if not (isinstance(init, bool) or init in _PLAIN_INITS):
         raise AdapterError(
@@ -231,9 +240,9 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _split_tensors(
-    path: Path, tensors: Mapping[str, torch.Tensor]
+    path: Path, tensors: Mapping[str, torch.Tensor], use_dora: bool
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """PEFT keys to ``{module path: {"A": .., "B": ..}}`` and the heads by their timm keys."""
+    """PEFT keys to ``{module path: {"A": .., "B": .., "magnitude": .. (DoRA)}}`` and the heads by their timm keys."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     heads: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
@@ -242,6 +251,8 @@ def _split_tensors(
         module, _, leaf = name.rpartition(".lora_")
         if key.startswith(PREFIX) and leaf in ("A.weight", "B.weight"):
             pairs.setdefault(module, {})[leaf[0]] = tensor
+        elif key.startswith(PREFIX) and leaf == "magnitude_vector" and use_dora:
+            pairs.setdefault(module, {})["magnitude"] = tensor
         elif key.startswith(PREFIX) and name.startswith(tuple(f"{head}." for head in CLASSIFIER_NAMES)):
             heads[name] = tensor
         else:
@@ -254,15 +265,25 @@ def _split_tensors(
             "(name PEFT's target_modules by full path: a bare 'proj' also matches patch_embed.proj).",
         )
     if unexpected:
-        raise AdapterError(path, f"unexpected tensors {sorted(unexpected)[:5]} (not LoRA A/B or a classifier head).")
+        found = "LoRA A/B, a DoRA magnitude or a classifier head" if use_dora else "LoRA A/B or a classifier head"
+        raise AdapterError(path, f"unexpected tensors {sorted(unexpected)[:5]} (not {found}).")
     misshapen = sorted(
         module
         for module, pair in pairs.items()
-        if pair.keys() != {"A", "B"} or pair["A"].ndim != 2 or pair["B"].ndim != 2
+        if not {"A", "B"} <= pair.keys() or pair["A"].ndim != 2 or pair["B"].ndim != 2
         or pair["A"].shape[0] != pair["B"].shape[1]
     )  # fmt: skip
     if misshapen:
         raise AdapterError(path, f"LoRA on {misshapen[:5]} is not a matching pair of 2-D lora_A and lora_B.")
+    misfit = sorted(
+        module
+        for module, pair in pairs.items()
+        if use_dora and ("magnitude" not in pair or pair["magnitude"].shape != pair["B"].shape[:1])
+    )
+    if misfit:
+        raise AdapterError(
+            path, f"use_dora is set but LoRA on {misfit[:5]} has no lora_magnitude_vector with one value per row."
+        )
     if not pairs:
         raise AdapterError(path, "holds no LoRA tensors.")
     if "head.weight" not in heads:
@@ -293,6 +314,7 @@ def _peft_lora_config(path: Path, peft_config: Mapping[str, Any], pairs: Mapping
             targets=tuple(t for t in VALID_TARGETS if t in next(iter(target_sets))),
             blocks=sorted(targets_by_block),
             use_rslora=bool(peft_config.get("use_rslora", False)),
+            use_dora=bool(peft_config.get("use_dora")),
         )
     except ValueError as error:
         raise AdapterError(path, f"unsupported PEFT LoRA settings: {error}") from error
@@ -314,10 +336,19 @@ def _exported_header(path: Path, metadata: Mapping[str, str]) -> Adapter | None:
     return decode_adapter(path, header, {})
 
 
+def _magnitude_on_every_row(layer: LoRALinear) -> torch.Tensor:
+    """PEFT's DoRA magnitude, one per output row: vitlora's on the updated rows, ``||W||`` on the others,
+    where PEFT's update is zero, so its scale ``m / ||W + 0||`` is exactly 1."""
+    others = layer.on_all_rows(torch.zeros_like(layer.lora_magnitude, dtype=torch.bool), fill=True)
+    norms = torch.linalg.vector_norm(layer.weight, dim=1).to(layer.lora_magnitude.dtype)
+    return torch.where(others, norms, layer.on_all_rows(layer.lora_magnitude, fill=0.0))
+
+
 def _restore_vitlora_layout(
-    config: LoRAConfig, pairs: Mapping[str, Mapping[str, torch.Tensor]]
+    config: LoRAConfig, pairs: Mapping[str, Mapping[str, torch.Tensor]], base: nn.Module | None
 ) -> dict[str, torch.Tensor] | None:
-    """The vitlora tensors export_peft expanded, or None if PEFT has changed the zero blocks since."""
+    """The vitlora tensors export_peft expanded, or None if PEFT has changed the zero blocks since
+    (or, with DoRA, the magnitudes of the rows vitlora does not update no longer are ``base``'s norms)."""
     parts = [p for p in PROJECTIONS if p in config.targets]
     tensors: dict[str, torch.Tensor] = {}
     for module, pair in pairs.items():
@@ -334,10 +365,31 @@ def _restore_vitlora_layout(
         if rest.any():
             return None
         tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"] = a[:used], torch.cat(blocks)
+        if config.use_dora:
+            chosen = torch.zeros(sum(stop - start for start, stop in slices), dtype=torch.bool)
+            others = place_rows(chosen, slices, b.shape[0], fill=True)
+            if others.any() and not _are_base_norms(pair["magnitude"], others, base, module):
+                return None
+            tensors[f"{module}.lora_magnitude"] = pair["magnitude"][~others]
     return tensors
 
 
+def _are_base_norms(magnitude: torch.Tensor, rows: torch.Tensor, base: nn.Module | None, module: str) -> bool:
+    """Whether ``magnitude`` on ``rows`` is the row norms of ``base``'s weight at ``module``, as export_peft
+    fills them (to a rounding error: the base may now be on another device)."""
+    try:
+        weight = base.get_submodule(module).weight if base is not None else None
+    except AttributeError:
+        return False
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.shape[0] != magnitude.shape[0]:
+        return False
+    norms = torch.linalg.vector_norm(weight.detach(), dim=1).to(magnitude)
+    rtol = 2 * torch.finfo(magnitude.dtype).eps
+    return torch.allclose(magnitude[rows], norms[rows], rtol=rtol, atol=0.0)
+
+
 def _vitlora_names(pairs: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``lora_A``, ``lora_B`` and (DoRA) ``lora_magnitude`` by their LoRALinear keys."""
     return {f"{module}.lora_{part}": tensor for module, pair in pairs.items() for part, tensor in pair.items()}
 
 
