@@ -60,12 +60,13 @@ def merge_adapter(
     output = check_output_path(output, (f".{format}",))
     if format == "onnx":
         _require_onnx_tools(output)  # before minutes of building and merging
-    if read_adapter(adapter_path).prompt is not None:
+    adapter = read_adapter(adapter_path)
+    if adapter.prompt is not None:
         raise AdapterError(
-            adapter_path,
+            adapter.path,
             "its prompt tokens have no place in a plain timm model; keep them with load_adapter + merge_lora in torch.",
         )
-    model, adapter = build_model_with_adapter(adapter_path, weights)
+    model, _ = build_model_with_adapter(adapter, weights)
     if lora_modules(model):  # a linear probe or bias-tuned adapter has nothing to fold
         merge_lora(model)
     metadata = merged_metadata(adapter)
