@@ -87,6 +87,18 @@ def build_cli(args: list[str] | None, *, run: bool = True, callbacks: Sequence[C
     )
 
 
+@contextmanager
+def exit_on_bad_input(command: str) -> Iterator[None]:
+    """Library errors already name the file and the problem: show that line, not a traceback."""
+    from vitlora.backbone import WeightsUnavailable
+    from vitlora.merge import ExportError
+
+    try:
+        yield
+    except (ValueError, OSError, ExportError, WeightsUnavailable) as error:
+        raise SystemExit(f"vitlora {command}: {error}") from error
+
+
 # --- export ----------------------------------------------------------------------------------
 
 
@@ -162,7 +174,7 @@ def compare_command(argv: list[str]) -> None:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     budget = Budget(args.max_epochs, args.limit_train_batches, args.limit_val_batches)
-    try:
+    with exit_on_bad_input("compare"):
         methods = load_compare_config(args.config, args.methods) if args.config else methods_from_recipes(args.recipes)
         results = compare_methods(
             methods,
@@ -172,8 +184,6 @@ def compare_command(argv: list[str]) -> None:
             latency_rounds=args.latency_rounds,
             command=shlex.join(["vitlora", "compare", *argv]),
         )
-    except ValueError as error:
-        raise SystemExit(str(error)) from error
     print(f"wrote {args.output / 'report.md'}")
     failed = [result.name for result in results if not result.ok]
     if failed:
@@ -253,18 +263,6 @@ def classify(
 
 
 # --- merge and inspect -----------------------------------------------------------------------
-
-
-@contextmanager
-def exit_on_bad_input(command: str) -> Iterator[None]:
-    """Library errors already name the file and the problem: show that line, not a traceback."""
-    from vitlora.backbone import WeightsUnavailable
-    from vitlora.merge import ExportError
-
-    try:
-        yield
-    except (ValueError, OSError, ExportError, WeightsUnavailable) as error:
-        raise SystemExit(f"vitlora {command}: {error}") from error
 
 
 def merge_command(argv: list[str]) -> None:
