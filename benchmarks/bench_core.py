@@ -132,17 +132,23 @@ def rss_child(method: str, args) -> None:
     print((_status_kb("VmHWM") - baseline) / 1024)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def benchmark_parser(description: str, *, batch: int, device: str, dtype: str, rounds: int, warmup: int):
+    """The options ``build`` and ``make_step`` read, shared by every benchmark script; defaults per script."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--num-classes", type=int, default=100)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default=device)
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=dtype)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    return parser
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__, batch=8, device="cpu", dtype="fp32", rounds=7, warmup=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--rss-of", help=argparse.SUPPRESS)
     parser.add_argument("--args-json", help=argparse.SUPPRESS)

@@ -27,7 +27,7 @@ import timm
 import timm.layers
 import torch
 import torch.nn.functional as F
-from bench_core import autocast, build, make_step, saved_for_backward_bytes, sync, timed_rounds
+from bench_core import autocast, benchmark_parser, build, make_step, saved_for_backward_bytes, sync, timed_rounds
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitlora import LoRAConfig, count_parameters, merge_lora
@@ -150,16 +150,7 @@ def dense_peak(args: argparse.Namespace) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--num-classes", type=int, default=100)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser = benchmark_parser(__doc__, batch=128, device="cuda", dtype="bf16", rounds=10, warmup=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (training and inference)")
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of every block")
     parser.add_argument(
