@@ -18,6 +18,7 @@ MODEL_NAMES = (
     "vit_base_patch16_siglip_224",
 )
 IMG_SIZE = 32
+TINY = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}  # with img_size: a ViT in milliseconds
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL_WEIGHTS = SHARED / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
 
@@ -25,7 +26,7 @@ REAL_WEIGHTS = SHARED / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.s
 def tiny_model(name: str = "vit_tiny_patch16_224", num_classes: int = 5, seed: int = 0, **kwargs):
     """A 2-block, 64-wide version of a timm model, with layer scales large enough to matter."""
     torch.manual_seed(seed)
-    config = dict(img_size=IMG_SIZE, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+    config = {"img_size": IMG_SIZE, **TINY}
     config.update(kwargs)
     model = timm.create_model(name, pretrained=False, num_classes=5, **config)
     if num_classes != 5:  # timm's init order makes block weights depend on the head size
@@ -77,4 +78,17 @@ def make_image_folder(root: Path, classes=("apple", "banana", "cherry"), per_spl
                 noise = torch.randint(-40, 40, (40, 40, 3), generator=generator)
                 pixels = (colour + noise).clamp(0, 255).to(torch.uint8).numpy()
                 Image.fromarray(pixels).save(folder / f"{name}_{i}.png")
+    return root
+
+
+def make_workspace(root: Path) -> Path:
+    """``root/data`` (make_image_folder) and ``root/base.safetensors``: a tiny random ViT as the "pretrained" file."""
+    from safetensors.torch import save_file
+
+    from vitlora.backbone import create_backbone
+
+    make_image_folder(root / "data")
+    torch.manual_seed(0)
+    base = create_backbone("vit_tiny_patch16_224", 1000, pretrained=False, img_size=IMG_SIZE, **TINY)
+    save_file(base.state_dict(), root / "base.safetensors")
     return root

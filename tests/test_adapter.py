@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import images, randomize_lora, tiny_model
+from conftest import IMG_SIZE, TINY, images, randomize_lora, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -347,7 +347,7 @@ def test_load_onto_a_model_on_another_dtype_keeps_that_dtype(tmp_path):
 
 
 def test_build_model_with_adapter_recreates_the_recorded_model_on_local_weights(tmp_path):
-    tiny = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
+    tiny = {"img_size": IMG_SIZE, **TINY}
     save_file(tiny_model(num_classes=1000).state_dict(), tmp_path / "base.safetensors")
     model = tiny_model()
     inject_lora(model, LoRAConfig(rank=4))

@@ -8,10 +8,10 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import make_image_folder
+from conftest import TINY, make_workspace
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vitlora import LoRAConfig, load_adapter, read_adapter
 from vitlora.backbone import create_backbone
@@ -21,16 +21,12 @@ from vitlora.images import load_rgb
 from vitlora.module import ImageClassifier
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
-TINY = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    make_image_folder(root / "data")
-    torch.manual_seed(0)
-    base = create_backbone("vit_tiny_patch16_224", 1000, pretrained=False, img_size=32, **TINY)
-    save_file(base.state_dict(), root / "base.safetensors")
+    make_workspace(root)
     return root
 
 

@@ -7,21 +7,17 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from conftest import make_image_folder
+from conftest import make_workspace
 from PIL import Image
-from safetensors.torch import save_file
 
 from vitlora import MethodResult, comparison_reading, count_parameters, load_compare_config, read_adapter
-from vitlora.backbone import create_backbone
 from vitlora.charts import SIZE
 from vitlora.cli import main
 from vitlora.compare import Budget, MethodSpec, check_same_setup, compare_methods, methods_from_recipes, standard_error
 from vitlora.module import ImageClassifier
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TINY = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
 CHARTS = ("accuracy_vs_parameters.png", "throughput.png", "memory.png", "validation_curves.png")
 
 
@@ -29,10 +25,7 @@ CHARTS = ("accuracy_vs_parameters.png", "throughput.png", "memory.png", "validat
 def comparison(tmp_path_factory):
     """lora, full and a method that cannot start, 1 epoch of 2 batches each, through the CLI."""
     root = tmp_path_factory.mktemp("compare")
-    make_image_folder(root / "data")
-    torch.manual_seed(0)
-    base = create_backbone("vit_tiny_patch16_224", 1000, pretrained=False, img_size=32, **TINY)
-    save_file(base.state_dict(), root / "base.safetensors")
+    make_workspace(root)
     config = root / "compare.yaml"
     methods = {"lora": {}, "full": {"model.method": "full"}, "broken": {"model.lora.rank": 0}}
     config.write_text(yaml.safe_dump({"recipe": str(RECIPES / "smoke.yaml"), "methods": methods}, sort_keys=False))

@@ -14,16 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
-from safetensors.torch import load_file, save_file
+from conftest import make_workspace
+from safetensors.torch import load_file
 
 from vitlora import read_adapter
-from vitlora.backbone import create_backbone
 from vitlora.cli import export_adapter, main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smoke.yaml"
-TINY = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
 TOLERANCE = {"atol": 1e-6, "rtol": 1e-4}  # measured differences are ~2e-7: summation order only
 
@@ -64,10 +62,7 @@ def in_subprocess(workspace: Path, argv: list[str]) -> None:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    make_image_folder(root / "data")
-    torch.manual_seed(0)
-    base = create_backbone("vit_tiny_patch16_224", 1000, pretrained=False, img_size=32, **TINY)
-    save_file(base.state_dict(), root / "base.safetensors")
+    make_workspace(root)
     in_subprocess(root, fit(root, "ddp", 2, *DDP))  # 2 ranks x batch 2
     main(fit(root, "single", 4))  # the same global batch in one process
     main(fit(root, "rank_batch", 2))  # one process with only one rank's batch: must differ

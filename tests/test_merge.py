@@ -6,7 +6,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import IMG_SIZE, images, randomize_lora, tiny_model
+from conftest import IMG_SIZE, TINY, images, randomize_lora, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -24,7 +24,7 @@ from vitlora import (
 )
 from vitlora import merge as merge_module
 
-TINY = {"img_size": IMG_SIZE, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
+TINY_VIT = {"img_size": IMG_SIZE, **TINY}
 CLASSES = ["apple", "banana", "cherry", "dates", "eggplant"]
 
 
@@ -34,7 +34,9 @@ def adapter_with_base(folder, name="vit_tiny_patch16_224", targets=("q", "v")):
     model = tiny_model(name)
     inject_lora(model, LoRAConfig(rank=4, targets=targets))
     randomize_lora(model)
-    path = save_adapter(model, folder / "adapter.safetensors", class_names=CLASSES, model_name=name, model_kwargs=TINY)
+    path = save_adapter(
+        model, folder / "adapter.safetensors", class_names=CLASSES, model_name=name, model_kwargs=TINY_VIT
+    )
     return model, path
 
 
@@ -167,7 +169,7 @@ def test_a_dora_and_bias_tuned_adapter_merges_into_a_plain_timm_model(tmp_path):
     randomize_lora(model)
     with torch.no_grad():
         model.blocks[0].mlp.fc1.bias.add_(0.5)
-    path = save_adapter(model, tmp_path / "a.safetensors", model_name="vit_tiny_patch16_224", model_kwargs=TINY)
+    path = save_adapter(model, tmp_path / "a.safetensors", model_name="vit_tiny_patch16_224", model_kwargs=TINY_VIT)
     out = merge_adapter(path, tmp_path / "model.safetensors", weights=tmp_path / "base.safetensors")
     deployed, meta = fresh_timm_model(out)
     torch.testing.assert_close(deployed(images(3)), model(images(3)), atol=1e-5, rtol=0)
@@ -176,7 +178,7 @@ def test_a_dora_and_bias_tuned_adapter_merges_into_a_plain_timm_model(tmp_path):
 
 def test_prompt_tokens_cannot_become_a_plain_timm_model_and_nothing_is_written(tmp_path):
     model = add_prompt_tokens(tiny_model(), PromptConfig(num_tokens=2))
-    path = save_adapter(model, tmp_path / "vpt.safetensors", model_name="vit_tiny_patch16_224", model_kwargs=TINY)
+    path = save_adapter(model, tmp_path / "vpt.safetensors", model_name="vit_tiny_patch16_224", model_kwargs=TINY_VIT)
     with pytest.raises(AdapterError, match=r"vpt\.safetensors: its prompt tokens have no place in a plain timm"):
         merge_adapter(path, tmp_path / "model.safetensors")
     assert not (tmp_path / "model.safetensors").exists()

@@ -2,7 +2,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REAL_WEIGHTS, make_image_folder, randomize_lora
+from conftest import REAL_WEIGHTS, TINY, make_image_folder, randomize_lora
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from vitlora import activation_bytes, read_adapter, saved_for_backward
@@ -11,8 +11,6 @@ from vitlora.data import ImageDataModule
 from vitlora.lora import LoRAConfig, lora_config, lora_modules
 from vitlora.module import ImageClassifier, warmup_cosine
 from vitlora.prompts import PromptConfig, prompt_config
-
-TINY = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
 
 
 @pytest.fixture(scope="session")
