@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 from torchvision.io import decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
-from vitlora.data import ImageDataModule, ImageDataset, read_dataset
+from vitlora.datasets import ImageDataset, read_dataset
+from vitlora.training.data import ImageDataModule
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-store"
 

@@ -31,7 +31,7 @@ from bench_core import autocast, benchmark_parser, build, make_step, saved_for_b
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitlora import LoRAConfig, count_parameters, merge_lora
-from vitlora.module import ImageClassifier
+from vitlora.training.module import ImageClassifier
 
 METHODS = ("full", "vitlora", "linear", "peft")
 DENSE_BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity

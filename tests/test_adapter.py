@@ -518,16 +518,16 @@ def test_bad_prompt_and_bias_files_leave_the_model_unchanged(tmp_path, corrupt, 
 
 
 def test_a_failure_after_the_biases_were_copied_restores_their_values(tmp_path, monkeypatch):
-    import vitlora.adapter
+    import vitlora.apply
 
     path = save_adapter(adapt(tiny_model(), **COMBINATIONS["lora+deep_prompt+bias"]), tmp_path / "a.safetensors")
-    copy_then_fail = vitlora.adapter.copy_adapter_tensors
+    copy_then_fail = vitlora.apply.copy_adapter_tensors
 
     def interrupted(expected, adapter):
         copy_then_fail(expected, adapter)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vitlora.adapter, "copy_adapter_tensors", interrupted)
+    monkeypatch.setattr(vitlora.apply, "copy_adapter_tensors", interrupted)
     plain = tiny_model(num_classes=1000)
     before = ModelState(plain)
     with pytest.raises(KeyboardInterrupt):

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from vitlora import LoRAConfig, load_adapter, read_adapter
 from vitlora.backbone import create_backbone
 from vitlora.cli import main
-from vitlora.data import eval_transform
+from vitlora.datasets import eval_transform
 from vitlora.images import load_rgb
-from vitlora.module import ImageClassifier
+from vitlora.training.module import ImageClassifier
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
 

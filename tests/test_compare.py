@@ -11,11 +11,21 @@ import yaml
 from conftest import make_workspace
 from PIL import Image
 
-from vitlora import MethodResult, comparison_reading, count_parameters, load_compare_config, read_adapter
+from vitlora import count_parameters, read_adapter
 from vitlora.charts import SIZE
 from vitlora.cli import main
-from vitlora.compare import Budget, MethodSpec, check_same_setup, compare_methods, methods_from_recipes, standard_error
-from vitlora.module import ImageClassifier
+from vitlora.compare import (
+    Budget,
+    MethodResult,
+    MethodSpec,
+    compare_methods,
+    comparison_reading,
+    load_compare_config,
+    methods_from_recipes,
+)
+from vitlora.compare.config import check_same_setup
+from vitlora.compare.reading import standard_error
+from vitlora.training.module import ImageClassifier
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 CHARTS = ("accuracy_vs_parameters.png", "throughput.png", "memory.png", "validation_curves.png")

@@ -5,7 +5,8 @@ import torch
 from conftest import SHARED, make_image_folder
 from PIL import Image
 
-from vitlora.data import DatasetError, EpochShuffler, ImageDataModule, read_dataset
+from vitlora.datasets import DatasetError, EpochShuffler, read_dataset
+from vitlora.training.data import ImageDataModule
 
 GROCERY = SHARED / "data" / "grocery-store"
 
@@ -208,7 +209,7 @@ def test_real_grocery_store_layout():
 def test_strong_randaugment_never_crashes_on_posterize(tmp_path):
     from timm.data.auto_augment import rand_augment_transform
 
-    from vitlora.data import allow_zero_bit_posterize
+    from vitlora.datasets import allow_zero_bit_posterize
 
     allow_zero_bit_posterize()
     augment = rand_augment_transform("rand-m10-n4-mstd2-inc1", {})

@@ -18,7 +18,8 @@ from conftest import make_workspace
 from safetensors.torch import load_file
 
 from vitlora import read_adapter
-from vitlora.cli import export_adapter, main
+from vitlora.cli import main
+from vitlora.training.export import export_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smoke.yaml"

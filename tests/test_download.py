@@ -2,7 +2,7 @@ import zipfile
 
 import pytest
 
-from vitlora.download import download_grocery_store
+from vitlora.training.download import download_grocery_store
 
 
 def make_archive(path, with_dataset=True):

@@ -20,8 +20,8 @@ from vitlora import (
     save_adapter,
     write_update_heatmap,
 )
+from vitlora.charts import heatmap_image
 from vitlora.lora import lora_modules
-from vitlora.report import heatmap_image
 
 CLASSES = ["apple", "banana", "cherry", "dates", "eggplant", "fig", "grape"]
 # singular values of scale * B A per (block, target), scale = alpha / rank = 2

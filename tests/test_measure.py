@@ -8,8 +8,8 @@ import torch
 from conftest import images, randomize_lora, tiny_model
 
 from vitlora import LoRAConfig, inject_lora
+from vitlora.compare.measure import TrainingMeasurements, inference_latency, peak_rss_mb, serving_models
 from vitlora.lora import lora_modules
-from vitlora.measure import TrainingMeasurements, inference_latency, peak_rss_mb, serving_models
 
 
 def test_training_speed_skips_warm_up_and_counts_loading_in_throughput():

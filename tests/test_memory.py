@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import images, randomize_lora, tiny_model
 
 from vitlora import LoRAConfig, LoRALinear, activation_bytes, inject_lora, saved_for_backward
-from vitlora.lora import lora_modules
+from vitlora.lora import expand_lora_B, lora_modules
 
 PRECISIONS = {"fp32": nullcontext, "cpu-bf16-autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
 
@@ -68,7 +68,11 @@ def test_lora_saves_fewer_bytes_than_full_fine_tuning(precision):
 
 def dense_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
     """The textbook LoRA: ``x (W + s B A)^T + b`` through the dense update."""
-    return F.linear(x, self.weight + self.scaling * self.expanded_lora_B() @ self.lora_A, self.bias)
+    return F.linear(
+        x,
+        self.weight + self.scaling * expand_lora_B(self.lora_B, self.slices, self.out_features) @ self.lora_A,
+        self.bias,
+    )
 
 
 def lora_gradients(model, x) -> dict[str, torch.Tensor]:

@@ -7,10 +7,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from vitlora import activation_bytes, read_adapter, saved_for_backward
 from vitlora.backbone import WeightsUnavailable, create_backbone
-from vitlora.data import ImageDataModule
 from vitlora.lora import LoRAConfig, lora_config, lora_modules
-from vitlora.module import ImageClassifier, warmup_cosine
 from vitlora.prompts import PromptConfig, prompt_config
+from vitlora.training.data import ImageDataModule
+from vitlora.training.module import ImageClassifier, warmup_cosine
 
 
 @pytest.fixture(scope="session")
@@ -308,7 +308,7 @@ def counting_backend(graph, example_inputs):
 
 
 def test_torch_compile_trains_like_eager_with_unchanged_checkpoints_and_adapters(tmp_path, images):
-    from vitlora.cli import export_adapter
+    from vitlora.training.export import export_adapter
 
     COMPILED_GRAPHS.clear()
     runs = {}

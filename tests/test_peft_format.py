@@ -24,7 +24,7 @@ from vitlora import (
     read_peft,
     save_adapter,
 )
-from vitlora.adapter import apply_adapter
+from vitlora.apply import apply_adapter
 from vitlora.lora import lora_config, lora_modules
 from vitlora.targets import classifier_names, route_fused_qkv_through_module
 

@@ -2,7 +2,8 @@
 
 import torch
 
-from vitlora.report import confusion_image, heatmap_image
+from vitlora.charts import heatmap_image
+from vitlora.training.report import confusion_image
 
 
 def cell_colour(image, origin, size, row, column):

@@ -1,35 +1,18 @@
 """vitlora: LoRA, visual prompt tokens and bias tuning for timm Vision Transformers, with exact merges
-and shareable adapter files."""
+and shareable adapter files.
 
-__version__ = "0.1.0"
+This namespace is the torch-only library: adapt a model, train it in any loop, save, load, merge,
+serve many adapters on one base, convert to and from PEFT. The applications built on it live in
+their own subpackages: ``vitlora.training`` (Lightning), ``vitlora.compare`` and ``vitlora.cli``.
+"""
 
-from vitlora.adapter import (
-    Adapter,
-    AdapterError,
-    base_fingerprint,
-    build_model_with_adapter,
-    load_adapter,
-    read_adapter,
-    save_adapter,
-)
-from vitlora.compare import (
-    Budget,
-    MethodResult,
-    MethodSpec,
-    compare_methods,
-    comparison_reading,
-    load_compare_config,
-    methods_from_recipes,
-)
+from vitlora._version import __version__
+from vitlora.adapter import Adapter, AdapterError, base_fingerprint, read_adapter, save_adapter
+from vitlora.apply import apply_adapter, build_model_with_adapter, load_adapter
+from vitlora.backbone import create_backbone
+from vitlora.inference import classify
 from vitlora.inspection import AdapterSummary, UpdateStats, inspect_adapter, write_update_heatmap
-from vitlora.lora import (
-    LoRAConfig,
-    LoRALinear,
-    inject_lora,
-    lora_config,
-    merge_lora,
-    remove_lora,
-)
+from vitlora.lora import LoRAConfig, LoRALinear, inject_lora, lora_config, merge_lora, remove_lora
 from vitlora.memory import SavedTensor, activation_bytes, saved_for_backward
 from vitlora.merge import ExportError, export_onnx, merge_adapter
 from vitlora.multi import MixedLogits, MultiAdapter
@@ -47,12 +30,9 @@ __all__ = [
     "Adapter",
     "AdapterError",
     "AdapterSummary",
-    "Budget",
     "ExportError",
     "LoRAConfig",
     "LoRALinear",
-    "MethodResult",
-    "MethodSpec",
     "MixedLogits",
     "MultiAdapter",
     "ParameterCount",
@@ -63,12 +43,13 @@ __all__ = [
     "activation_bytes",
     "adapter_state_dict",
     "add_prompt_tokens",
+    "apply_adapter",
     "base_fingerprint",
     "build_model_with_adapter",
-    "compare_methods",
-    "comparison_reading",
+    "classify",
     "convert_adapter",
     "count_parameters",
+    "create_backbone",
     "enable_bias_tuning",
     "export_onnx",
     "export_peft",
@@ -77,11 +58,9 @@ __all__ = [
     "inject_lora",
     "inspect_adapter",
     "load_adapter",
-    "load_compare_config",
     "lora_config",
     "merge_adapter",
     "merge_lora",
-    "methods_from_recipes",
     "prompt_config",
     "read_adapter",
     "read_peft",

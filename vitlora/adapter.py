@@ -1,10 +1,9 @@
-"""Adapter files: one safetensors file with what an adapter trains (LoRA, prompt tokens, tuned
-biases, the head) and what it belongs to.
+"""The adapter file format: one safetensors file with what an adapter trains (LoRA, prompt tokens,
+tuned biases, the head) and what it belongs to.
 
 The file records how the model was adapted (LoRA config, prompt config, bias tuning), the timm
 model, the classes and a fingerprint of the frozen base weights, so an adapter is only ever
-loaded onto the base it was trained on. Loading validates everything first and rolls back on
-failure: a model is never left half-adapted. Format version 1 is pure LoRA (what vitlora 0.1
+loaded onto the base it was trained on (putting it on a model is :mod:`vitlora.apply`'s job). Format version 1 is pure LoRA (what vitlora 0.1
 reads); files with prompt tokens, tuned biases or no LoRA are version 2, so older readers
 refuse them instead of silently dropping their prompts or biases.
 """
@@ -14,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,23 +24,14 @@ from safetensors import SafetensorError
 from safetensors.torch import save as serialize
 from torch import nn
 
-from vitlora.backbone import create_backbone
+from vitlora._version import __version__
 from vitlora.files import atomic_write
-from vitlora.lora import LoRAConfig, inject_lora, lora_config, lora_modules
-from vitlora.prompts import PromptConfig, add_prompt_tokens, check_promptable, prompt_config, remove_prompt_tokens
-from vitlora.targets import (
-    LoRASite,
-    classifier_names,
-    classifier_prefixes,
-    find_lora_sites,
-    restore_fused_qkv_routing,
-)
+from vitlora.lora import LoRAConfig, lora_config, lora_modules
+from vitlora.prompts import PromptConfig, prompt_config
+from vitlora.targets import unwrap
 from vitlora.trainable import (
     adapter_state_dict,
     bias_tuning_enabled,
-    disable_bias_tuning,
-    enable_bias_tuning,
-    freeze_base,
     is_adapter_key,
     is_bias_name,
 )
@@ -80,12 +69,22 @@ class Adapter:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def labels(self) -> list[str]:
+        """The class names, or the class indices as strings for an adapter that records none."""
+        return class_labels(self.class_names, self.num_classes)
+
+    @property
     def model_kwargs(self) -> dict[str, Any]:
         """Extra ``timm.create_model`` arguments the adapter was trained with (``img_size``...)."""
         kwargs = self.metadata.get("model_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise AdapterError(self.path, f"metadata 'model_kwargs' is not a mapping: {kwargs!r}.")
         return dict(kwargs)
+
+
+def class_labels(class_names: list[str] | None, num_classes: int) -> list[str]:
+    """``class_names``, or ``"0" ... "n-1"`` where a model or file names no classes."""
+    return list(class_names) if class_names else [str(i) for i in range(num_classes)]
 
 
 def architecture_of(model: nn.Module) -> str | None:
@@ -106,7 +105,7 @@ def base_fingerprint(model: nn.Module, *, exclude_biases: bool = False) -> str:
     float32 or bf16 match, while any real change of the base (another checkpoint, size or
     resolution) does not.
     """
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     state = model.state_dict()
     if any(t.dtype == torch.float16 for t in state.values()):
         raise ValueError(
@@ -134,7 +133,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
     timm name, defaulting to the model's pretrained config). Any other JSON-serialisable keyword
     is stored as well and comes back in ``Adapter.metadata``.
     """
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     header = adapter_header(model, **metadata)
     tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     payload = serialize(tensors, metadata=header)
@@ -145,7 +144,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
 
 def adapter_header(model: nn.Module, **metadata: Any) -> dict[str, str]:
     """What an adapter file records besides tensors (see :func:`save_adapter` for ``metadata``)."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     unshipped = [name for name, p in model.named_parameters() if p.requires_grad and not is_adapter_key(model, name)]
     if unshipped:
         examples = ", ".join(unshipped[:3]) + (", ..." if len(unshipped) > 3 else "")
@@ -174,7 +173,7 @@ def adapter_header(model: nn.Module, **metadata: Any) -> dict[str, str]:
         "model_name": metadata.pop("model_name", None) or default_model_name(model) or "",
         "num_classes": str(num_classes),
         "base_fingerprint": base_fingerprint(model),
-        "vitlora_version": _vitlora_version(),
+        "vitlora_version": __version__,
         "timm_version": timm.__version__,
         "torch_version": torch.__version__,
     }
@@ -271,196 +270,3 @@ def _decode(value: str) -> Any:
         return json.loads(value)
     except ValueError:
         return value
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
-    """Adapts a plain timm model as the file says (LoRA, prompt tokens, bias tuning) and loads its tensors.
-
-    The classifier is resized to the adapter's classes when needed. Raises
-    :class:`AdapterError` for a foreign architecture, other base weights (by fingerprint;
-    ``check_base=False`` skips that check), or missing / unexpected / misshapen tensors,
-    and then leaves the model exactly as it was.
-    """
-    return apply_adapter(model, read_adapter(path), check_base=check_base)
-
-
-def build_model_with_adapter(
-    source: str | os.PathLike | Adapter, weights: str | os.PathLike | None = None, *, model_name: str | None = None
-) -> tuple[nn.Module, Adapter]:
-    """The model an adapter describes, ready for inference (eval mode), and the adapter.
-
-    ``source``: an adapter file, or an :class:`Adapter` already read (e.g. from a PEFT folder).
-    The base is the timm model it records (``model_name``, or the one given, and
-    ``model_kwargs``) on its pretrained weights: from the timm hub, or from ``weights`` (a
-    local file, for offline machines). The base-weight fingerprint is checked as in
-    :func:`load_adapter`.
-    """
-    adapter = source if isinstance(source, Adapter) else read_adapter(source)
-    return apply_adapter(build_base(adapter, weights, model_name=model_name), adapter).eval(), adapter
-
-
-def build_base(
-    adapter: Adapter, weights: str | os.PathLike | None = None, *, model_name: str | None = None
-) -> nn.Module:
-    """The plain timm model ``adapter`` belongs on, as :func:`build_model_with_adapter` describes it."""
-    name = model_name or adapter.model_name
-    if not name:
-        raise AdapterError(adapter.path, "records no timm model name to build the base model from: name one.")
-    if not timm.is_model(name):
-        raise AdapterError(adapter.path, f"records timm model {name!r}, unknown to timm {timm.__version__}.")
-    return create_backbone(name, adapter.num_classes, weights=weights, **adapter.model_kwargs)
-
-
-def apply_adapter(model: nn.Module, adapter: Adapter, *, check_base: bool = True) -> nn.Module:
-    """:func:`load_adapter` for an adapter already read (from a vitlora file or another tool's format)."""
-    check_compatible(model, adapter, check_base)
-    sites = lora_sites_for(model, adapter)
-    if adapter.prompt is not None:
-        try:
-            check_promptable(model)
-        except ValueError as error:
-            raise AdapterError(adapter.path, f"its prompt tokens do not fit this model: {error}") from error
-    snapshot = _Snapshot(model, sites, adapter.bias_tuning)
-    try:
-        with callers_rng_kept(model):  # injecting draws random A and tokens
-            if getattr(model, "num_classes", None) != adapter.num_classes:
-                reset_classifier_like(model, adapter.num_classes)
-            if adapter.config is not None:
-                inject_lora(model, adapter.config)
-            if adapter.prompt is not None:
-                add_prompt_tokens(model, adapter.prompt)
-            if adapter.bias_tuning:
-                enable_bias_tuning(model)
-            freeze_base(model)  # a head-only adapter is a linear probe
-        copy_adapter_tensors(adapter_state_dict(model), adapter)
-    except BaseException:
-        snapshot.restore(model)
-        raise
-    return model
-
-
-def lora_sites_for(model: nn.Module, adapter: Adapter) -> list[LoRASite]:
-    """The layers the adapter's LoRA config targets on this model (none without LoRA), or an AdapterError."""
-    if adapter.config is None:
-        return []
-    try:
-        return find_lora_sites(model, adapter.config.targets, adapter.config.blocks)
-    except ValueError as error:
-        raise AdapterError(adapter.path, f"its LoRA config does not fit this model: {error}") from error
-
-
-def callers_rng_kept(model: nn.Module) -> AbstractContextManager:
-    """Random initialisation that the adapter's tensors overwrite must not shift the caller's RNG streams."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    return torch.random.fork_rng(devices=devices)
-
-
-def reset_classifier_like(model: nn.Module, num_classes: int) -> None:
-    """timm's reset_classifier, keeping the old head's device and dtype (older timm makes fp32 CPU heads)."""
-    old = {name: getattr(model, name) for name in classifier_names(model)}
-    like = next((p for head in old.values() for p in head.parameters()), None)
-    if like is None:
-        like = next(model.parameters())
-    model.reset_classifier(num_classes)
-    for name in old:
-        getattr(model, name).to(device=like.device, dtype=like.dtype)
-
-
-def check_compatible(model: nn.Module, adapter: Adapter, check_base: bool) -> None:
-    """Refuses an already adapted model, another architecture or (with ``check_base``) other base weights."""
-    adapted = [
-        label
-        for label, present in (
-            ("LoRA layers", lora_modules(model)),
-            ("prompt tokens", prompt_config(model)),
-            ("bias tuning", bias_tuning_enabled(model)),
-        )
-        if present
-    ]
-    if adapted:
-        raise AdapterError(
-            adapter.path, f"the model already has {' and '.join(adapted)}; load onto a plain timm model."
-        )
-    architecture = architecture_of(model)
-    if adapter.architecture and architecture and adapter.architecture != architecture:
-        raise AdapterError(
-            adapter.path,
-            f"adapter is for architecture {adapter.architecture!r}, the model is {architecture!r}.",
-        )
-    if check_base and adapter.base_fingerprint is not None:
-        fingerprint = base_fingerprint(model, exclude_biases=adapter.bias_tuning)
-        if fingerprint != adapter.base_fingerprint:
-            raise AdapterError(
-                adapter.path,
-                "the model's base weights differ from those the adapter was trained on "
-                f"(fingerprint {fingerprint[:12]}, adapter expects {adapter.base_fingerprint[:12]}). "
-                "Load the same pretrained weights, or pass check_base=False to override.",
-            )
-
-
-def copy_adapter_tensors(expected: dict[str, torch.Tensor], adapter: Adapter) -> None:
-    """Copies the file's tensors into ``expected`` (key -> tensor to fill) after checking keys and shapes."""
-    missing = sorted(expected.keys() - adapter.tensors.keys())
-    unexpected = sorted(adapter.tensors.keys() - expected.keys())
-    misshapen = [
-        f"{key} {tuple(adapter.tensors[key].shape)} != {tuple(tensor.shape)}"
-        for key, tensor in expected.items()
-        if key in adapter.tensors and adapter.tensors[key].shape != tensor.shape
-    ]
-    problems = [
-        f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-        for label, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("misshapen", misshapen),
-        )
-        if items
-    ]
-    if problems:
-        raise AdapterError(adapter.path, "tensors do not match the model; " + "; ".join(problems))
-    with torch.no_grad():
-        for key, tensor in expected.items():
-            tensor.copy_(adapter.tensors[key])
-
-
-class _Snapshot:
-    """What load_adapter may change: the wrapped modules, prompt tokens, bias tuning and bias values,
-    heads, num_classes, modes, requires_grad."""
-
-    def __init__(self, model: nn.Module, sites: list[LoRASite], bias_tuning: bool) -> None:
-        self.linears = {site.path: site.linear for site in sites}
-        heads = classifier_prefixes(model)  # restored as whole modules
-        self.biases = {
-            n: p.detach().clone()
-            for n, p in model.named_parameters()
-            if bias_tuning and is_bias_name(n) and not n.startswith(heads)
-        }
-        self.heads = {name: getattr(model, name) for name in classifier_names(model)}
-        self.num_classes = getattr(model, "num_classes", None)
-        self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        self.training = {module: module.training for module in model.modules()}
-
-    def restore(self, model: nn.Module) -> None:
-        for path, linear in self.linears.items():
-            model.set_submodule(path, linear)
-        restore_fused_qkv_routing(model)
-        if prompt_config(model) is not None:
-            remove_prompt_tokens(model)
-        disable_bias_tuning(model)
-        with torch.no_grad():
-            for name, bias in self.biases.items():
-                model.get_parameter(name).copy_(bias)
-        for name, head in self.heads.items():
-            setattr(model, name, head)
-        if self.num_classes is not None:
-            model.num_classes = self.num_classes
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(self.requires_grad[name])
-        for module, training in self.training.items():
-            module.training = training
-
-
-def _vitlora_version() -> str:
-    from vitlora import __version__
-
-    return __version__

@@ -1,4 +1,4 @@
-"""Small charts drawn with PIL alone (no plotting dependency): bars, labelled points and lines.
+"""Small charts drawn with PIL alone (no plotting dependency): bars, labelled points, lines and heatmaps.
 
 Each function returns an RGB image for a report; missing values (None) are shown as "n/a".
 """
@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 from PIL import Image, ImageDraw
 
 SIZE = (640, 400)
@@ -151,3 +152,40 @@ def _format(value: float) -> str:
         if magnitude >= limit:
             return f"{value / unit:.3g}{suffix}"
     return f"{value:.3g}" if magnitude < 100 else f"{value:.0f}"
+
+
+def heatmap_image(
+    values: torch.Tensor,
+    title: str,
+    row_labels: Sequence[str],
+    column_labels: Sequence[str] = (),
+    cell: int = 10,
+    highlight_diagonal: bool = False,
+) -> Image.Image:
+    """A table of shaded cells, drawn with PIL alone so pictures need no plotting library.
+
+    ``values`` in [0, 1] go from white to red (to blue on the diagonal when highlighted,
+    the correct cells of a confusion matrix); NaN marks an empty cell, drawn grey.
+    Columns widen to fit their labels, when given.
+    """
+    rows, columns = values.shape
+    label_width = 7 * max((len(label) for label in row_labels), default=1) + 8
+    width = max([cell, *(7 * len(label) + 4 for label in column_labels)])
+    top = 24 + (14 if column_labels else 0)
+    image = Image.new("RGB", (label_width + columns * width + 2, top + rows * cell + 2), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 4), title, fill="black")
+    for j, label in enumerate(column_labels):
+        draw.text((label_width + j * width + 2, 22), label, fill="black")
+    for i in range(rows):
+        draw.text((4, top + i * cell - 1), row_labels[i][:40], fill="black")
+        for j in range(columns):
+            value = float(values[i, j])
+            if math.isnan(value):
+                color = (200, 200, 200)
+            else:
+                shade = round(255 * (1 - min(max(value, 0.0), 1.0)))
+                color = (shade, shade, 255) if highlight_diagonal and i == j else (255, shade, shade)
+            x, y = label_width + j * width, top + i * cell
+            draw.rectangle([x, y, x + width - 1, y + cell - 1], fill=color)
+    return image

@@ -14,42 +14,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-
-from vitlora.data import ImageDataModule
-from vitlora.module import ImageClassifier
-from vitlora.predictions import PredictionWriter, top_k_rows, write_predictions
-
 EXTRA_COMMANDS = ("export", "classify", "merge", "inspect", "compare", "convert")
-
-
-class VitloraCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.backbone", "data.backbone")
-        parser.link_arguments("model.img_size", "data.img_size")
-        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.link_arguments("seed_everything", "model.seed")
-        parser.link_arguments("seed_everything", "data.seed")
-
-
-def trainer_defaults() -> dict:
-    return {
-        "logger": {
-            "class_path": "vitlora.logging.RunLogger",
-            "init_args": {"save_dir": "runs", "name": "vitlora"},
-        },
-        "callbacks": [
-            ModelCheckpoint(monitor="val/top1", mode="max", save_last=True, filename="best-{epoch}-{step}"),
-            LearningRateMonitor(logging_interval="step"),
-            PredictionWriter(),
-        ],
-        "log_every_n_steps": 10,
-    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,23 +37,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if words[:1] in (["-h"], ["--help"]):
         print("Extra commands: " + ", ".join(f"vitlora {command} --help" for command in EXTRA_COMMANDS) + "\n")
+    from vitlora.training.lightning_cli import build_cli
+
     build_cli(argv)
-
-
-def build_cli(args: list[str] | None, *, run: bool = True, callbacks: Sequence[Callback] = ()) -> VitloraCLI:
-    """The CLI of ``vitlora fit`` and friends; ``run=False`` only parses and instantiates, for callers
-    (vitlora.measure) that drive the trainer themselves, with extra ``callbacks``."""
-    defaults = trainer_defaults()
-    defaults["callbacks"] += list(callbacks)
-    return VitloraCLI(
-        ImageClassifier,
-        ImageDataModule,
-        trainer_defaults=defaults,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        run=run,
-        args=args,
-    )
 
 
 @contextmanager
@@ -110,35 +65,11 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--weights", help="base weights file, if the checkpoint's source moved")
     args = parser.parse_args(argv)
-    path = export_adapter(args.ckpt_path, args.output, weights=args.weights)
+    from vitlora.training.export import export_adapter
+
+    with exit_on_bad_input("export"):
+        path = export_adapter(args.ckpt_path, args.output, weights=args.weights)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
-
-
-def export_adapter(ckpt_path: Path, output: Path, weights: str | None = None) -> Path:
-    from vitlora.adapter import save_adapter
-
-    if not Path(ckpt_path).is_file():
-        raise SystemExit(f"{ckpt_path}: no such checkpoint.")
-    overrides = {"weights": weights} if weights else {}
-    try:
-        module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
-    except FileNotFoundError as error:
-        raise SystemExit(
-            f"{error} The checkpoint rebuilds its frozen base from it: pass --weights BASE_FILE."
-        ) from error
-    hp = module.hparams
-    if hp.method == "full":
-        raise SystemExit(f"{ckpt_path}: a 'full' run trains every weight; it has no adapter to export.")
-    model_kwargs = dict(hp.model_kwargs or {})
-    if hp.img_size:
-        model_kwargs["img_size"] = hp.img_size
-    return save_adapter(
-        module.model,
-        output,
-        class_names=module.class_names,
-        model_name=hp.backbone,
-        model_kwargs=model_kwargs,
-    )
 
 
 # --- compare ---------------------------------------------------------------------------------
@@ -209,6 +140,8 @@ def classify_command(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.output.suffix not in (".csv", ".json"):
         raise SystemExit(f"{args.output}: the output must end in .csv or .json.")
+    from vitlora.inference import classify, write_predictions
+
     rows = classify(
         args.adapter,
         args.inputs,
@@ -219,47 +152,6 @@ def classify_command(argv: list[str]) -> None:
     write_predictions(rows, args.output)
     failed = sum(1 for row in rows if row["error"])
     print(f"wrote {len(rows)} predictions to {args.output}" + (f" ({failed} unreadable)" if failed else ""))
-
-
-def classify(
-    adapter_path: Path,
-    inputs: list[Path],
-    weights: str | None = None,
-    top_k: int = 5,
-    batch_size: int = 32,
-) -> list[dict]:
-    """Top-k rows per image; unreadable images get a row with ``error`` set instead of labels."""
-    import torch
-
-    from vitlora.adapter import build_model_with_adapter
-    from vitlora.data import eval_transform, expand_image_paths
-    from vitlora.images import BadImage, load_rgb
-
-    model, adapter = build_model_with_adapter(adapter_path, weights)
-    transform = eval_transform(adapter.model_name, adapter.model_kwargs.get("img_size"))
-    names = adapter.class_names or [str(i) for i in range(adapter.num_classes)]
-    rows: list[dict] = []
-    pending: list[tuple[int, torch.Tensor]] = []
-
-    def flush() -> None:
-        with torch.inference_mode():
-            probabilities = model(torch.stack([tensor for _, tensor in pending])).softmax(-1)
-        predicted = top_k_rows([rows[i]["path"] for i, _ in pending], probabilities, names, top_k)
-        for (i, _), row in zip(pending, predicted, strict=True):
-            rows[i] = row
-        pending.clear()
-
-    for path in expand_image_paths(inputs):
-        rows.append({"path": str(path), "labels": [], "probabilities": [], "error": ""})
-        try:
-            pending.append((len(rows) - 1, transform(load_rgb(path))))
-        except BadImage as error:
-            rows[-1]["error"] = str(error)
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
-    return rows
 
 
 # --- merge and inspect -----------------------------------------------------------------------

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from vitlora.adapter import Adapter, AdapterError, read_adapter
+from vitlora.charts import heatmap_image
 from vitlora.files import atomic_write, check_output_path
-from vitlora.report import heatmap_image
 from vitlora.targets import CLASSIFIER_NAMES, VALID_TARGETS, update_labels
 from vitlora.trainable import is_lora_name, is_prompt_name
 
@@ -60,7 +60,7 @@ class AdapterSummary:
 
     def __str__(self) -> str:
         a, config = self.adapter, self.adapter.config
-        names = a.class_names or [str(i) for i in range(a.num_classes)]
+        names = a.labels
         shown = ", ".join(names[:SHOWN_CLASSES]) + (", ..." if len(names) > SHOWN_CLASSES else "")
         lines = [
             f"adapter    {a.path} ({self.file_size / 1e3:.1f} KB)",

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlora.rollback import rollback_on_error
 from vitlora.targets import (
     VALID_TARGETS,
     LoRASite,
@@ -106,16 +107,44 @@ def expand_lora_B(lora_B: torch.Tensor, slices: Sequence[tuple[int, int]], out_f
     return place_rows(torch.block_diag(*lora_B.split(widths)), slices, out_features, 0.0)
 
 
-def add_lora_update(
-    base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, expanded_B: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """``base + scaling * (x A^T) B_expanded^T`` in one fused addmm: the low-rank path, never a dense delta-W."""
-    low_rank = F.linear(x, lora_A)
+def add_lora_parameters(
+    layer: nn.Module,
+    linear: nn.Linear,
+    config: LoRAConfig,
+    slices: Sequence[tuple[int, int]] | None = None,
+) -> None:
+    """Gives ``layer`` the low-rank update of ``linear``'s chosen output slices: the one place LoRA tensors are made.
+
+    Sets ``slices``, ``slice_widths``, ``out_features``, ``scaling``, ``lora_A`` (``n*r x in``,
+    Kaiming-uniform), ``lora_B`` (``sum(widths) x r``, zero, so the update starts at exactly 0)
+    and ``lora_dropout`` on ``layer``: LoRALinear and each adapter of a MultiAdapter layer share
+    these names, so their tensors load from the same adapter-file keys.
+    """
+    out_features = linear.out_features
+    layer.slices = tuple(sorted(slices or ((0, out_features),)))
+    if any(a[1] > b[0] for a, b in pairwise(layer.slices)) or layer.slices[-1][1] > out_features:
+        raise ValueError(f"LoRA slices {layer.slices} overlap or exceed {out_features} outputs.")
+    layer.slice_widths = [stop - start for start, stop in layer.slices]
+    layer.out_features = out_features
+    layer.scaling = config.scaling
+    like = {"dtype": linear.weight.dtype, "device": linear.weight.device}
+    layer.lora_A = nn.Parameter(torch.empty(len(layer.slices) * config.rank, linear.in_features, **like))
+    layer.lora_B = nn.Parameter(torch.zeros(sum(layer.slice_widths), config.rank, **like))
+    nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
+    layer.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+
+def lora_forward(layer: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``base + scaling * (dropout(x) A^T) B_expanded^T`` in one fused addmm: the low-rank path, never a dense dW.
+
+    ``layer`` holds the tensors :func:`add_lora_parameters` made; ``base`` is the frozen layer's output for ``x``.
+    """
+    low_rank = F.linear(layer.lora_dropout(x), layer.lora_A)
     updated = torch.addmm(
         base.reshape(-1, base.shape[-1]),
         low_rank.reshape(-1, low_rank.shape[-1]),
-        expanded_B.t(),
-        alpha=scaling,
+        expand_lora_B(layer.lora_B, layer.slices, layer.out_features).t(),
+        alpha=layer.scaling,
     )
     return updated.view(base.shape)
 
@@ -150,26 +179,9 @@ class LoRALinear(nn.Linear):
         self.bias = base.bias
         self.config = config
         self.parts = tuple(parts)
-        self.slices = tuple(sorted(slices or ((0, base.out_features),)))
-        if any(a[1] > b[0] for a, b in pairwise(self.slices)) or self.slices[-1][1] > self.out_features:
-            raise ValueError(f"LoRA slices {self.slices} overlap or exceed {self.out_features} outputs.")
-        self.slice_widths = [stop - start for start, stop in self.slices]
-        self.scaling = config.scaling
-        rank, like = config.rank, {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.lora_A = nn.Parameter(torch.empty(len(self.slices) * rank, self.in_features, **like))
-        self.lora_B = nn.Parameter(torch.zeros(sum(self.slice_widths), rank, **like))
+        add_lora_parameters(self, base, config, slices)
         if config.use_dora:
-            self.lora_magnitude = nn.Parameter(torch.empty(sum(self.slice_widths), **like))
-        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.reset_lora_parameters()
-
-    @torch.no_grad()
-    def reset_lora_parameters(self) -> None:
-        """A Kaiming-uniform, B zero: the update starts at exactly zero (DoRA: magnitude ``||W||``)."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-        if self.config.use_dora:
-            self.lora_magnitude.copy_(torch.linalg.vector_norm(self.chosen_rows(self.weight), dim=1))
+            self.lora_magnitude = nn.Parameter(torch.linalg.vector_norm(self.chosen_rows(self.weight.detach()), dim=1))
 
     def chosen_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """The rows of an ``out x ...`` tensor that the slices update, stacked."""
@@ -180,14 +192,6 @@ class LoRALinear(nn.Linear):
     def on_all_rows(self, rows: torch.Tensor, fill: float) -> torch.Tensor:
         """Inverse of :meth:`chosen_rows`: each slice's rows in place, ``fill`` on the others."""
         return place_rows(rows, self.slices, self.out_features, fill)
-
-    def compact_lora_B(self) -> torch.Tensor:
-        """``sum(widths) x n*r``: each slice's B on its own rank columns, so ``compact @ A`` is dW's chosen rows."""
-        return torch.block_diag(*self.lora_B.split(self.slice_widths))
-
-    def expanded_lora_B(self) -> torch.Tensor:
-        """``out x n*r``: the compact B on its output rows, zeros elsewhere."""
-        return self.on_all_rows(self.compact_lora_B(), fill=0.0)
 
     def magnitude_scale(self, updated_rows: torch.Tensor) -> torch.Tensor:
         """DoRA's per-row factor ``m / ||W + dW||`` over all outputs (1 off the slices); the norm is detached."""
@@ -200,13 +204,12 @@ class LoRALinear(nn.Linear):
             base = _FrozenLinear.apply(x, self.weight, self.bias)
         else:
             base = F.linear(x, self.weight, self.bias)
-        compact_B = self.compact_lora_B()
-        x = self.lora_dropout(x)
-        updated = add_lora_update(base, x, self.lora_A, self.on_all_rows(compact_B, fill=0.0), self.scaling)
+        updated = lora_forward(self, x, base)
         if not self.config.use_dora:
             return updated
         with torch.no_grad():
-            updated_rows = self.chosen_rows(self.weight) + self.scaling * (compact_B @ self.lora_A)
+            chosen_B = self.chosen_rows(expand_lora_B(self.lora_B, self.slices, self.out_features))
+            updated_rows = self.chosen_rows(self.weight) + self.scaling * (chosen_B @ self.lora_A)
         scale = self.magnitude_scale(updated_rows).to(updated.dtype)
         unbiased = updated if self.bias is None else updated - self.bias.to(updated.dtype)
         # scale * unbiased + bias, written so that rows with scale 1 return the LoRA output bit for bit
@@ -221,7 +224,9 @@ class LoRALinear(nn.Linear):
     def delta_weight(self) -> torch.Tensor:
         """The dense update ``scaling * B A`` in ``merge_dtype`` (for merging and inspection only)."""
         dtype = self.merge_dtype
-        return self.scaling * (self.expanded_lora_B().to(dtype) @ self.lora_A.to(dtype))
+        return self.scaling * (
+            expand_lora_B(self.lora_B, self.slices, self.out_features).to(dtype) @ self.lora_A.to(dtype)
+        )
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -290,21 +295,13 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, verify: bool = True) ->
     if lora_modules(model):
         raise ValueError("This model already has LoRA layers: merge_lora it or start from a fresh model.")
     sites = find_lora_sites(model, config.targets, config.blocks)
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    try:
+    with rollback_on_error(model):
         for site in sites:
             model.set_submodule(site.path, _wrap(site, config))
         freeze_base(model)
         route_fused_qkv_through_module(model)
         if verify:
             check_lora_in_forward(model)
-    except BaseException:
-        for site in sites:
-            model.set_submodule(site.path, site.linear)
-        restore_fused_qkv_routing(model)
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(requires_grad[name])
-        raise
     return model
 
 

@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vitlora.adapter import Adapter, AdapterError, build_model_with_adapter, read_adapter
+from vitlora.adapter import Adapter, AdapterError, read_adapter
+from vitlora.apply import build_model_with_adapter
 from vitlora.files import atomic_write, check_output_path
 from vitlora.lora import lora_modules, merge_lora
 from vitlora.targets import input_shape
@@ -85,7 +86,7 @@ def merged_metadata(adapter: Adapter) -> dict[str, str]:
         "model_name": adapter.model_name,
         "model_kwargs": json.dumps(adapter.model_kwargs),
         "num_classes": str(adapter.num_classes),
-        "class_names": json.dumps(adapter.class_names or [str(i) for i in range(adapter.num_classes)]),
+        "class_names": json.dumps(adapter.labels),
         "lora_config": adapter.config.to_json() if adapter.config else "",
         "bias_tuning": json.dumps(adapter.bias_tuning),
         "base_fingerprint": adapter.base_fingerprint,

@@ -20,17 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlora.adapter import (
-    Adapter,
-    AdapterError,
+from vitlora.adapter import Adapter, AdapterError, class_labels, read_adapter
+from vitlora.apply import (
     callers_rng_kept,
     check_compatible,
     copy_adapter_tensors,
     lora_sites_for,
-    read_adapter,
     reset_classifier_like,
 )
-from vitlora.lora import LoRAConfig, add_lora_update, check_lora_in_forward, expand_lora_B, lora_modules
+from vitlora.lora import LoRAConfig, add_lora_parameters, check_lora_in_forward, lora_forward, lora_modules
+from vitlora.rollback import rollback_on_error
 from vitlora.targets import classifier_names, restore_fused_qkv_routing, route_fused_qkv_through_module
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -67,24 +66,17 @@ class MixedLogits:
 class LoRAUpdate(nn.Module):
     """One adapter's low-rank update of one shared nn.Linear: LoRALinear's tensors and math, without the base.
 
-    Its ``lora_A``/``lora_B`` have LoRALinear's layouts, so they load straight from an
-    adapter file. They start uninitialised: :meth:`MultiAdapter.add` always fills them.
+    Its tensors are made by the same :func:`~vitlora.lora.add_lora_parameters` as LoRALinear's,
+    so they load straight from an adapter file; :meth:`MultiAdapter.add` always fills them.
     """
 
     def __init__(self, linear: nn.Linear, config: LoRAConfig, slices: Sequence[tuple[int, int]]) -> None:
         super().__init__()
-        like = {"dtype": linear.weight.dtype, "device": linear.weight.device}
-        self.slices = tuple(sorted(slices))
-        self.out_features = linear.out_features
-        self.scaling = config.scaling
-        self.lora_A = nn.Parameter(torch.empty(len(self.slices) * config.rank, linear.in_features, **like))
-        self.lora_B = nn.Parameter(torch.empty(sum(b - a for a, b in self.slices), config.rank, **like))
-        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        add_lora_parameters(self, linear, config, slices)
 
     def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """``base`` (the frozen layer's output for ``x``) plus this adapter's update."""
-        expanded_B = expand_lora_B(self.lora_B, self.slices, self.out_features)
-        return add_lora_update(base, self.lora_dropout(x), self.lora_A, expanded_B, self.scaling)
+        return lora_forward(self, x, base)
 
 
 class RoutedLoRALinear(nn.Linear):
@@ -183,25 +175,31 @@ class MultiAdapter(nn.Module):
             )
         check_compatible(self.model, adapter, check_base)
         sites = lora_sites_for(self.model, adapter)
-        try:
+        with rollback_on_error(self), callers_rng_kept(self.model):  # initial values the file overwrites
             route_fused_qkv_through_module(self.model)
             for site in sites:
                 layer = site.linear if isinstance(site.linear, RoutedLoRALinear) else self._route(site.path)
                 layer.adapters[name] = LoRAUpdate(layer, adapter.config, site.slices).train(layer.training)
-            with callers_rng_kept(self.model):  # timm initialises the new heads randomly
-                self.heads[name] = self._new_heads(adapter.num_classes).train(self.training)
+            self.heads[name] = self._new_heads(adapter.num_classes).train(self.training)
             self._adapters[name] = replace(adapter, tensors={})
             copy_adapter_tensors(self.adapter_parameters(name), adapter)
             check_lora_in_forward(self.model, RoutedLoRALinear)
-        except BaseException:
-            self._discard(name)
-            raise
         return self._adapters[name]
 
     def remove(self, name: str) -> None:
         """Drops an adapter; layers no other adapter uses become the base's own nn.Linear again."""
         self._check_known([name], base_allowed=False)
-        self._discard(name)
+        for path, layer in self._routed_layers():
+            if name in layer.adapters:
+                del layer.adapters[name]
+            if not layer.adapters:
+                self.model.set_submodule(path, self._plain_linears.pop(path))
+        if not self._plain_linears:
+            restore_fused_qkv_routing(self.model)
+        del self.heads[name]
+        del self._adapters[name]
+        if self._active == name:
+            self._active = None
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """The adapter's trainable tensors, keyed as in its file (``blocks.0.attn.qkv.lora_A``, ``head.weight``)."""
@@ -271,8 +269,7 @@ class MultiAdapter(nn.Module):
         return predictions
 
     def _class_names(self, name: str | None, num_classes: int) -> list[str]:
-        names = self._adapters[name].class_names if name is not None else None
-        return names or [str(i) for i in range(num_classes)]
+        return self._adapters[name].labels if name is not None else class_labels(None, num_classes)
 
     def _check_known(self, names: Sequence[str | None], base_allowed: bool = True) -> None:
         unknown = sorted({repr(n) for n in names if (n is not None or not base_allowed) and n not in self._adapters})
@@ -290,21 +287,6 @@ class MultiAdapter(nn.Module):
 
     def _routed_layers(self) -> list[tuple[str, RoutedLoRALinear]]:
         return [(path, self.model.get_submodule(path)) for path in self._plain_linears]
-
-    def _discard(self, name: str) -> None:
-        """Removes whatever part of ``name`` is loaded: also the rollback of a failed ``add``."""
-        for path, layer in self._routed_layers():
-            if name in layer.adapters:
-                del layer.adapters[name]
-            if not layer.adapters:
-                self.model.set_submodule(path, self._plain_linears.pop(path))
-        if not self._plain_linears:
-            restore_fused_qkv_routing(self.model)
-        if name in self.heads:
-            del self.heads[name]
-        self._adapters.pop(name, None)
-        if self._active == name:
-            self._active = None
 
     def _new_heads(self, num_classes: int) -> nn.ModuleDict:
         """Heads for ``num_classes`` made by timm's own reset_classifier, while the base keeps its heads."""

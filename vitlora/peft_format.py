@@ -33,16 +33,15 @@ from vitlora.adapter import (
     Adapter,
     AdapterError,
     adapter_header,
-    apply_adapter,
-    build_base,
     decode_adapter,
     read_adapter,
     read_safetensors,
     resave_metadata,
     save_adapter,
 )
+from vitlora.apply import apply_adapter, build_base
 from vitlora.files import atomic_directory
-from vitlora.lora import LoRAConfig, LoRALinear, lora_config, lora_modules, place_rows
+from vitlora.lora import LoRAConfig, LoRALinear, expand_lora_B, lora_config, lora_modules, place_rows
 from vitlora.prompts import prompt_config
 from vitlora.targets import (
     CLASSIFIER_NAMES,
@@ -53,6 +52,7 @@ from vitlora.targets import (
     qkv_slices,
     rerouted_attention,
     site_target,
+    unwrap,
 )
 from vitlora.trainable import bias_tuning_enabled
 
@@ -81,7 +81,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, **metadata: Any)
     :func:`vitlora.save_adapter`'s (``class_names``, ``model_name``, ...). EVA attention that
     reads ``qkv.weight`` directly also bypasses PEFT's layers: a warning says so.
     """
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     config = lora_config(model)
     unsupported = [
         label
@@ -99,7 +99,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, **metadata: Any)
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, layer in modules:
-            a, b = layer.lora_A, layer.expanded_lora_B()
+            a, b = layer.lora_A, expand_lora_B(layer.lora_B, layer.slices, layer.out_features)
             tensors[f"{PREFIX}{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
             tensors[f"{PREFIX}{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
             if config.use_dora:

@@ -18,7 +18,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from vitlora.targets import transformer_blocks
+from vitlora.targets import transformer_blocks, unwrap
 from vitlora.trainable import PROMPT_MODULE, freeze_base
 
 
@@ -99,7 +99,7 @@ def check_promptable(model: nn.Module) -> None:
 
 def prompt_config(model: nn.Module) -> PromptConfig | None:
     """The config prompt tokens were added with, or None for a model without them."""
-    blocks = getattr(getattr(model, "_orig_mod", model), "blocks", None)
+    blocks = getattr(unwrap(model), "blocks", None)
     has_blocks = isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0
     prompt = getattr(blocks[0], PROMPT_MODULE, None) if has_blocks else None
     return prompt.config if isinstance(prompt, PromptTokens) else None
@@ -112,7 +112,7 @@ def add_prompt_tokens(model: nn.Module, config: PromptConfig) -> nn.Module:
     its tokens are ``blocks.<i>.prompt.tokens``. Raises before changing anything for a family
     where inserted tokens would be misread (EVA's rotary embeddings, dynamic image sizes).
     """
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     check_promptable(model)
     blocks = transformer_blocks(model)
     start, like = model.num_prefix_tokens, next(model.parameters())
@@ -126,7 +126,7 @@ def add_prompt_tokens(model: nn.Module, config: PromptConfig) -> nn.Module:
 
 def remove_prompt_tokens(model: nn.Module) -> nn.Module:
     """Drops the prompt tokens: the model's structure and outputs as before, all trainable as timm makes it."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     config = prompt_config(model)
     if config is None:
         raise ValueError(f"{type(model).__name__} has no prompt tokens to remove.")

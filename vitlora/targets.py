@@ -26,6 +26,11 @@ _SUPPORTED_LAYOUT = (
 )
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself under ``torch.compile``'s wrapper (whose state-dict keys carry an ``_orig_mod.`` prefix)."""
+    return getattr(model, "_orig_mod", model)
+
+
 @dataclass(frozen=True)
 class LoRASite:
     """One nn.Linear to adapt, and which parts of its output get a low-rank update.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vitlora.targets import classifier_prefixes
+from vitlora.targets import classifier_prefixes, unwrap
 
 PROMPT_MODULE = "prompt"  # blocks.<i>.prompt.tokens: where vitlora.prompts keeps each block's tokens
 _BIAS_TUNING = "_vitlora_bias_tuning"
@@ -38,20 +38,20 @@ def enable_bias_tuning(model: nn.Module) -> nn.Module:
     Combines with LoRA, prompt tokens or a linear probe in any order; ``LoRALinear`` keeps the
     base ``bias`` parameter, so merging carries the tuned biases into the plain model.
     """
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     setattr(model, _BIAS_TUNING, True)
     return freeze_base(model)
 
 
 def disable_bias_tuning(model: nn.Module) -> nn.Module:
     """The biases rejoin the frozen base, keeping whatever values they were tuned to."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     model.__dict__.pop(_BIAS_TUNING, None)
     return freeze_base(model)
 
 
 def bias_tuning_enabled(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "_orig_mod", model), _BIAS_TUNING, False))
+    return bool(getattr(unwrap(model), _BIAS_TUNING, False))
 
 
 def is_adapter_key(model: nn.Module, key: str) -> bool:
@@ -63,13 +63,13 @@ def is_adapter_key(model: nn.Module, key: str) -> bool:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything an adapter ships, by state-dict key: LoRA, prompt tokens, tuned biases, the head(s)."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     return {key: tensor.detach() for key, tensor in model.state_dict().items() if is_adapter_key(model, key)}
 
 
 def freeze_base(model: nn.Module) -> nn.Module:
     """Trains exactly the adapter's parameters: on a plain model, the head(s) alone (a linear probe)."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(is_adapter_key(model, name))
     return model
@@ -96,7 +96,7 @@ class ParameterCount:
 
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Trainable vs total parameters in groups lora / prompt / bias / head / other-trainable / frozen."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     heads = classifier_prefixes(model)
     tuned_biases = bias_tuning_enabled(model)
     groups = {"lora": 0, "prompt": 0, "bias": 0, "head": 0, "other": 0, "frozen": 0}

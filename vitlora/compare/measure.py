@@ -1,6 +1,6 @@
 """One method trained and measured in its own process, for `vitlora compare`.
 
-    python -m vitlora.measure RESULT.json LATENCY_ROUNDS --config recipe.yaml [--model.lr ...]
+    python -m vitlora.compare.measure RESULT.json LATENCY_ROUNDS --config recipe.yaml [--model.lr ...]
 
 trains with the same configuration machinery as ``vitlora fit``, validates the final weights,
 tests them when the data has a test split, exports the adapter of a LoRA run, times inference
@@ -24,10 +24,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from vitlora.adapter import AdapterError
 from vitlora.files import atomic_write
 from vitlora.lora import lora_modules, merge_lora, remove_lora
 from vitlora.prompts import prompt_config, remove_prompt_tokens
 from vitlora.trainable import count_parameters
+from vitlora.training.export import export_adapter
+from vitlora.training.lightning_cli import build_cli
 
 WARMUP_STEPS = 5
 WARMUP_ROUNDS = 2
@@ -189,8 +192,6 @@ def serving_models(module: nn.Module, model: nn.Module) -> dict[str, nn.Module]:
 
 def measure_method(result_path: Path, fit_args: list[str], latency_rounds: int = 10) -> dict[str, Any]:
     """Trains one method as ``vitlora fit`` would with ``fit_args``, measures it, writes ``result_path``."""
-    from vitlora.cli import build_cli, export_adapter
-
     meter = TrainingMeasurements()
     cli = build_cli(fit_args, run=False, callbacks=[meter])
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
@@ -202,7 +203,7 @@ def measure_method(result_path: Path, fit_args: list[str], latency_rounds: int =
         if checkpoint:
             trainer.save_checkpoint(checkpoint)
     if not meter.validations:
-        raise SystemExit("No validation ran (is limit_val_batches 0?): a comparison scores every method on val.")
+        raise ValueError("No validation ran (is limit_val_batches 0?): a comparison scores every method on val.")
     if data.index.splits.get("test"):
         trainer.test(module, datamodule=data)
 
@@ -210,7 +211,7 @@ def measure_method(result_path: Path, fit_args: list[str], latency_rounds: int =
     if checkpoint and module.hparams.method != "full":  # LoRA, prompts, tuned biases, or a probe's head
         try:
             adapter = export_adapter(checkpoint, result_path.parent / "adapter.safetensors")
-        except SystemExit as error:  # export refuses this kind of run: report it, keep the measurements
+        except AdapterError as error:  # export refuses this kind of run: report it, keep the measurements
             notes.append(f"no adapter exported: {error}")
 
     device = trainer.strategy.root_device
@@ -256,4 +257,7 @@ def measure_method(result_path: Path, fit_args: list[str], latency_rounds: int =
 if __name__ == "__main__":
     result, rounds, *options = sys.argv[1:]
     del sys.argv[1:]  # LightningCLI takes its options from `options` alone
-    measure_method(Path(result), options, int(rounds))
+    try:
+        measure_method(Path(result), options, int(rounds))
+    except ValueError as error:  # vitlora's own checks (AdapterError, DatasetError): one line in the log
+        raise SystemExit(f"vitlora compare: {error}") from error

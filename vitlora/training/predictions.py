@@ -1,50 +1,13 @@
-"""Top-k predictions per image, written as CSV or JSON: shared by `classify` and `predict`."""
+"""`vitlora predict`'s writer: top-k per image into the run folder, one file under DDP."""
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from vitlora.files import atomic_write
-
-
-def top_k_rows(paths: list[str], probabilities: torch.Tensor, class_names: list[str], k: int) -> list[dict]:
-    values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=-1)
-    return [
-        {
-            "path": path,
-            "labels": [class_names[i] for i in idx],
-            "probabilities": [round(v, 6) for v in vals],
-            "error": "",
-        }
-        for path, vals, idx in zip(paths, values.tolist(), indices.tolist(), strict=True)
-    ]
-
-
-def write_predictions(rows: list[dict], output: Path) -> None:
-    """``.json``: a list of rows; ``.csv``: path, label_1, prob_1, ..., error."""
-    output = Path(output)
-    with atomic_write(output) as tmp:
-        if output.suffix == ".json":
-            tmp.write_text(json.dumps(rows, indent=1))
-            return
-        k = max((len(row["labels"]) for row in rows), default=0)
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(
-                [
-                    "path",
-                    *[c for i in range(1, k + 1) for c in (f"label_{i}", f"prob_{i}")],
-                    "error",
-                ]
-            )
-            for row in rows:
-                pairs = [v for pair in zip(row["labels"], row["probabilities"], strict=True) for v in pair]
-                writer.writerow([row["path"], *pairs, *[""] * (2 * k - len(pairs)), row["error"]])
+from vitlora.inference import top_k_rows, write_predictions
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -9,9 +9,9 @@ rebuilt from its source when a checkpoint is loaded.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -23,15 +23,14 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from vitlora.adapter import base_fingerprint
+from vitlora.adapt import Method, adapt_backbone, check_adaptation
+from vitlora.adapter import base_fingerprint, class_labels
 from vitlora.backbone import create_backbone
-from vitlora.data import batches_seen
-from vitlora.lora import LoRAConfig, inject_lora, lora_modules
-from vitlora.prompts import PromptConfig, add_prompt_tokens
-from vitlora.targets import classifier_prefixes, last_blocks, modules_after_blocks, transformer_blocks
-from vitlora.trainable import count_parameters, enable_bias_tuning, freeze_base, is_prompt_name
-
-Method = Literal["lora", "full", "linear"]
+from vitlora.lora import LoRAConfig, lora_modules
+from vitlora.prompts import PromptConfig
+from vitlora.targets import classifier_prefixes
+from vitlora.trainable import count_parameters, is_prompt_name
+from vitlora.training.data import batches_seen
 
 
 class ImageClassifier(L.LightningModule):
@@ -77,17 +76,11 @@ class ImageClassifier(L.LightningModule):
         Trainer sets the model up (checkpoint keys unchanged); ``compile_kwargs`` go to
         ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``)."""
         super().__init__()
-        if method not in ("lora", "full", "linear"):
-            raise ValueError(f"method must be one of lora, full, linear; got {method!r}.")
-        if train_last_blocks is not None and method == "linear":
-            raise ValueError("train_last_blocks is for the lora and full methods; linear trains the head alone.")
         if isinstance(prompt, dict):  # as stored in checkpoints
             prompt = PromptConfig(**prompt)
-        if method == "full" and (prompt is not None or bias_tuning):
-            raise ValueError(
-                "method 'full' already trains every weight and bias: prompt tokens and bias tuning join "
-                "method lora or linear (a frozen backbone)."
-            )
+        if isinstance(lora, dict):  # as stored in checkpoints: plain data, loadable with weights_only
+            lora = LoRAConfig(**lora)
+        check_adaptation(method, lora, prompt, bias_tuning, train_last_blocks)
         if class_names is not None:
             num_classes = num_classes or len(class_names)
             if len(class_names) != num_classes:
@@ -96,8 +89,6 @@ class ImageClassifier(L.LightningModule):
             raise ValueError("num_classes (or class_names) is required; the CLI takes them from the data.")
         if lora_plus_ratio is not None and not lora_plus_ratio > 0:
             raise ValueError(f"lora_plus_ratio must be a positive number (None or 1 for off), got {lora_plus_ratio!r}.")
-        if isinstance(lora, dict):  # as stored in checkpoints: plain data, loadable with weights_only
-            lora = LoRAConfig(**lora)
         if weights:  # checkpoints rebuild the base from here: keep it valid from any working directory
             weights = str(Path(weights).resolve())
         self.save_hyperparameters(ignore=["lora", "prompt"])
@@ -111,26 +102,7 @@ class ImageClassifier(L.LightningModule):
         self.model = create_backbone(backbone, num_classes, weights=weights, pretrained=pretrained, **kwargs)
         if gradient_checkpointing:
             self.model.set_grad_checkpointing()
-        if method == "lora":
-            if train_last_blocks is not None:
-                if lora.blocks is not None:
-                    raise ValueError("Give either train_last_blocks or lora.blocks, not both.")
-                lora = replace(lora, blocks=last_blocks(self.model, train_last_blocks))
-            inject_lora(self.model, lora)
-        elif method == "linear":
-            freeze_base(self.model)
-        elif train_last_blocks is not None:  # full fine-tuning of the last blocks, the final norm and the head
-            blocks = transformer_blocks(self.model)
-            self.model.requires_grad_(False)
-            for module in [
-                *(blocks[i] for i in last_blocks(self.model, train_last_blocks)),
-                *modules_after_blocks(self.model),
-            ]:
-                module.requires_grad_(True)
-        if prompt is not None:
-            add_prompt_tokens(self.model, prompt)
-        if bias_tuning:
-            enable_bias_tuning(self.model)
+        adapt_backbone(self.model, method, lora, prompt, bias_tuning, train_last_blocks)
         metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
         if num_classes > 5:
             metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
@@ -142,7 +114,7 @@ class ImageClassifier(L.LightningModule):
 
     @property
     def class_names(self) -> list[str]:
-        return self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+        return class_labels(self.hparams.class_names, self.hparams.num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -196,7 +168,7 @@ class ImageClassifier(L.LightningModule):
         self.test_confusion.update(logits, targets)
 
     def on_test_epoch_end(self) -> None:
-        from vitlora.report import write_test_report
+        from vitlora.training.report import write_test_report
 
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         per_class, confusion = self.test_per_class.compute(), self.test_confusion.compute()  # syncs: every rank

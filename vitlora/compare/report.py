@@ -1,0 +1,204 @@
+"""report.md, report.json and the charts of a comparison."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vitlora._version import __version__
+from vitlora.charts import bar_chart, line_chart, scatter_chart
+from vitlora.compare.reading import comparison_reading
+from vitlora.compare.result import MethodResult, megabytes
+from vitlora.files import atomic_write
+
+
+def write_report(output: Path, results: Sequence[MethodResult], settings: Mapping[str, Any]) -> None:
+    """report.md, report.json and the charts, each written atomically."""
+    reading = comparison_reading(results)
+    environment = {"machine": machine_summary(results), "versions": versions()}
+    for name, image in report_charts(results).items():
+        with atomic_write(output / name) as tmp:
+            image.save(tmp, format="PNG")
+    report = {**settings, **environment, "reading": reading, "methods": [asdict(r) for r in results]}
+    with atomic_write(output / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    with atomic_write(output / "report.md") as tmp:
+        tmp.write_text("\n".join(_markdown(output, results, settings, environment, reading)) + "\n")
+
+
+def report_charts(results: Sequence[MethodResult]) -> dict[str, Image.Image]:
+    done = [r for r in results if r.ok]
+    names = [r.name for r in done]
+    memory_kind = next((r.memory_kind for r in done if r.memory_kind), "peak memory")
+    return {
+        "accuracy_vs_parameters.png": scatter_chart(
+            "Val top-1 vs trainable parameters",
+            [(r.name, r.trainable, 100 * r.val["top1"]) for r in done if "top1" in r.val and r.trainable],
+            x_label="trainable parameters (log scale)",
+            y_label="val top-1 (%)",
+            log_x=True,
+        ),
+        "throughput.png": bar_chart("Training throughput", names, [r.images_per_s for r in done], "images/s"),
+        "memory.png": bar_chart(f"Training memory ({memory_kind})", names, [r.peak_memory_mb for r in done], "MB"),
+        "validation_curves.png": line_chart(
+            "Val top-1 during training",
+            {r.name: [(p["step"], 100 * p["top1"]) for p in r.curve if "top1" in p] for r in done},
+            x_label="training step",
+            y_label="val top-1 (%)",
+        ),
+    }
+
+
+def _markdown(
+    output: Path,
+    results: Sequence[MethodResult],
+    settings: Mapping[str, Any],
+    environment: Mapping[str, Any],
+    reading: list[str],
+) -> Iterator[str]:
+    done = [r for r in results if r.ok]
+    with_test = any(r.test for r in done)
+    yield f"# Comparison: {' vs '.join(r.name for r in results)}"
+    yield ""
+    yield f"Command: `{settings['command']}`  "
+    budget = settings["budget"]
+    yield f"Budget: {budget}" + (
+        " (a shortened run: for checking the set-up, not for choosing)" if budget != "none" else ""
+    )
+    yield ""
+    yield "## Reading"
+    yield ""
+    yield from (f"- {line}" for line in reading)
+    yield ""
+    yield "## Accuracy"
+    yield ""
+    columns = ["method", "val top-1", "val top-5", "val macro-F1"]
+    columns += ["test top-1", "test top-5", "test macro-F1"] if with_test else []
+    yield from _table([*columns, "trainable", "trainable %"])
+    for r in done:
+        splits = [r.val, r.test] if with_test else [r.val]
+        scores = [_percent(split.get(key)) for split in splits for key in ("top1", "top5", "macro_f1")]
+        yield _row([r.name, *scores, f"{r.trainable:,}", f"{100 * r.trainable_fraction:.3g}"])
+    images = {f"{r.val_images} val" + (f", {r.test_images} test" if r.test else "") for r in done}
+    yield ""
+    yield f"Scores in %, on {' / '.join(sorted(images))} images, for the weights at the end of training."
+    yield ""
+    yield "## Cost"
+    yield ""
+    yield from _table([
+        "method", "step (ms)", "images/s", "peak memory (MB)", "checkpoint (MB)", "adapter (MB)",
+        "base latency (ms)", "unmerged (ms)", "merged (ms)", "fit (s)", "wall (s)",
+    ])  # fmt: skip
+    for r in done:
+        latency = [_ms(r.latency_s.get("base")), *(_latency(r, kind) for kind in ("unmerged", "merged"))]
+        yield _row([
+            r.name, _ms(r.step_time_s), _number(r.images_per_s), _number(r.peak_memory_mb),
+            megabytes(r.checkpoint_bytes), megabytes(r.adapter_bytes), *latency, _number(r.fit_s), _number(r.wall_s),
+        ])  # fmt: skip
+    kinds = sorted({r.memory_kind for r in done if r.memory_kind}) or ["-"]
+    batches = sorted({r.latency_batch for r in done})
+    yield ""
+    yield (
+        "Step: one training batch (forward, backward, optimizer), median after warm-up; images/s includes "
+        f"data loading. Peak memory: {' / '.join(kinds)} of the training process (not its data-loading "
+        "workers). Checkpoint: last.ckpt "
+        "(trainable tensors and optimizer state). Latency: one forward pass on a batch of "
+        f"{' / '.join(map(str, batches))} val images, median of {settings['latency_rounds']} interleaved rounds "
+        "with the base model (the backbone without any adapter), in eval mode and the training precision; "
+        "ratios to the base in parentheses. Wall: the whole process (training, evaluation, export, latency)."
+    )
+    yield ""
+    yield "![val top-1 vs trainable parameters](accuracy_vs_parameters.png)"
+    yield "![training throughput](throughput.png) ![training memory](memory.png)"
+    yield "![val top-1 during training](validation_curves.png)"
+    failed = [r for r in results if not r.ok]
+    if failed:
+        yield ""
+        yield "## Failures"
+        yield ""
+        yield from (f"- **{r.name}**: {r.error} (log: `{_relative(r.run_dir, output)}/train.log`)" for r in failed)
+    yield ""
+    yield "## Methods"
+    yield ""
+    for r in results:
+        notes = "".join(f" Note: {note}." for note in r.notes)
+        yield f"- **{r.name}** (`{_relative(r.run_dir, output)}`):{notes} `{r.fit_command}`"
+    if settings["shared_args"]:
+        yield f"- every method: `{shlex.join(settings['shared_args'])}`"
+    yield ""
+    yield "## Machine"
+    yield ""
+    yield from (f"- {key}: {value}" for key, value in environment["machine"].items())
+    yield "- versions: " + ", ".join(f"{name} {version}" for name, version in environment["versions"].items())
+
+
+def _table(columns: list[str]) -> Iterator[str]:
+    yield _row(columns)
+    yield _row(["---"] * len(columns))
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _latency(result: MethodResult, kind: str) -> str:
+    ratio = result.latency_ratio(kind)
+    return _ms(result.latency_s.get(kind)) + ("" if ratio is None else f" ({ratio:.2f}x)")
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.1f}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path
+
+
+def machine_summary(results: Sequence[MethodResult] = ()) -> dict[str, str]:
+    """Where the numbers were taken: OS, CPU, memory, and the training device of the runs."""
+    summary = {"platform": platform.platform(), "python": platform.python_version()}
+    cpu = _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown"
+    summary["cpu"] = f"{cpu}, {os.cpu_count()} cores"
+    memory_kb = _proc_field("/proc/meminfo", "MemTotal")
+    if memory_kb:
+        summary["memory"] = f"{int(memory_kb.split()[0]) / 2**20:.0f} GiB"
+    summary["training device"] = ", ".join(sorted({r.device for r in results if r.device})) or "unknown"
+    return summary
+
+
+def versions() -> dict[str, str]:
+    found = {"vitlora": __version__}
+    for package in ("torch", "timm", "lightning", "torchmetrics", "safetensors"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def _proc_field(path: str, name: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith(name)), None)
+    except OSError:
+        return None

@@ -1,0 +1,208 @@
+"""The Lightning data module: train/val/test/predict loaders over a product-image dataset.
+
+Layouts, transforms and sampling live in :mod:`vitlora.datasets`; this module sizes them for a
+backbone and hands them to the trainer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import timm.data
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import Compose, InterpolationMode, TrivialAugmentWide
+
+from vitlora.datasets import (
+    SPLITS,
+    TRIVIAL_AUGMENT,
+    DatasetError,
+    DatasetIndex,
+    EpochShuffler,
+    ImageDataset,
+    Sample,
+    allow_zero_bit_posterize,
+    backbone_data_config,
+    check_images,
+    eval_transform,
+    expand_image_paths,
+    read_dataset,
+    stratified_split,
+)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/val/test/predict loaders for a product-image dataset, sized for a timm backbone.
+
+    Transforms follow the backbone's pretrained config (resolution, mean/std, interpolation,
+    crop); training augmentation is timm's (random-resized crop, flip, RandAugment /
+    TrivialAugment via ``auto_augment``: a timm string such as ``rand-m9-mstd0.5-inc1`` or
+    ``trivial``; mixup/cutmix applied per batch).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/grocery-store",
+        layout: Literal["auto", "grocery", "folder", "csv"] = "auto",
+        manifest: str | None = None,
+        label_level: Literal["fine", "coarse"] = "fine",
+        backbone: str = "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+        img_size: int | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        val_fraction: float = 0.1,
+        scale: tuple[float, float] = (0.08, 1.0),
+        hflip: float = 0.5,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        color_jitter: float | None = None,
+        re_prob: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mixup_prob: float = 1.0,
+        check_images: bool = True,
+        fail_on_bad_images: bool = False,
+        download: bool = False,
+        seed: int = 0,
+        predict_paths: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if (mixup > 0 or cutmix > 0) and batch_size % 2:
+            raise ValueError(f"mixup/cutmix pair images within a batch: batch_size must be even, got {batch_size}.")
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self._index: DatasetIndex | None = None
+        self._datasets: dict[str, Dataset] = {}
+        self.mixup_fn = None
+
+    # Classes are known before set-up, so the model can size its head from them.
+    @property
+    def index(self) -> DatasetIndex:
+        if self._index is None:
+            if self.hparams.download and not self.root.exists():
+                from vitlora.training.download import download_grocery_store
+
+                download_grocery_store(self.root)
+            manifest = Path(self.hparams.manifest) if self.hparams.manifest else None
+            self._index = read_dataset(self.root, self.hparams.layout, manifest, self.hparams.label_level)
+            if "train" in self._index.splits and "val" not in self._index.splits and self.hparams.val_fraction > 0:
+                self._index.splits["train"], self._index.splits["val"] = stratified_split(
+                    self._index.splits["train"], self.hparams.val_fraction, self.hparams.seed
+                )
+        return self._index
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.index.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def transform(self, train: bool):
+        config = backbone_data_config(self.hparams.backbone, self.hparams.img_size)
+        if not train:
+            return eval_transform(self.hparams.backbone, self.hparams.img_size)
+        hp = self.hparams
+        allow_zero_bit_posterize()
+        trivial = hp.auto_augment in TRIVIAL_AUGMENT
+        stages = timm.data.create_transform(
+            input_size=config["input_size"],
+            is_training=True,
+            scale=hp.scale,
+            hflip=hp.hflip,
+            auto_augment=None if trivial else hp.auto_augment,
+            color_jitter=hp.color_jitter,
+            re_prob=hp.re_prob,
+            interpolation=config["interpolation"],
+            mean=config["mean"],
+            std=config["std"],
+            separate=True,
+        )
+        primary, secondary, final = (list(stage.transforms) for stage in stages)
+        if trivial:  # torchvision's TrivialAugmentWide, where timm puts its auto-augment
+            mode = InterpolationMode.BICUBIC if config["interpolation"] == "bicubic" else InterpolationMode.BILINEAR
+            secondary.insert(0, TrivialAugmentWide(interpolation=mode))
+        return Compose(primary + secondary + final)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("predict",),
+        }
+        for split in wanted.get(stage, SPLITS):
+            if split in self._datasets:
+                continue
+            samples = self._predict_samples() if split == "predict" else self.index.splits.get(split)
+            if not samples:
+                raise DatasetError(f"{self.root}: no {split} split in this dataset.")
+            if self.hparams.check_images:
+                samples = check_images(samples, self.hparams.fail_on_bad_images)
+            seed = self.hparams.seed if split == "train" else None
+            self._datasets[split] = ImageDataset(samples, self.transform(split == "train"), seed)
+        if stage in ("fit", None) and (self.hparams.mixup > 0 or self.hparams.cutmix > 0):
+            self.mixup_fn = timm.data.Mixup(
+                mixup_alpha=self.hparams.mixup,
+                cutmix_alpha=self.hparams.cutmix,
+                prob=self.hparams.mixup_prob,
+                label_smoothing=0.0,
+                num_classes=self.num_classes,
+            )
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        dataset = self._datasets[split]
+        hp = self.hparams
+        sampler = None
+        if train:  # this process's share under DDP (Lightning shards evaluation loaders itself)
+            world = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            sampler = EpochShuffler(len(dataset), hp.seed, *world)
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
+            sampler=sampler,
+            drop_last=train and (len(sampler) > hp.batch_size or self.mixup_fn is not None),
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+    @property
+    def predict_samples(self) -> list[Sample]:
+        """The images predicted, in loader order (unusable ones already skipped)."""
+        return self._datasets["predict"].samples
+
+    def _predict_samples(self) -> list[Sample]:
+        """``predict_paths`` (files or folders, label -1), else the test split, else val."""
+        if not self.hparams.predict_paths:
+            return self.index.splits.get("test") or self.index.splits.get("val") or []
+        return [(f, -1) for f in expand_image_paths(self.hparams.predict_paths)]
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Mixup/CutMix on whole training batches, seeded by the step: soft targets out."""
+        if self.mixup_fn is None or self.trainer is None or not self.trainer.training:
+            return batch
+        images, targets = batch
+        np.random.seed((self.hparams.seed * 1_000_003 + batches_seen(self.trainer)) % 2**32)
+        return self.mixup_fn(images, targets)
+
+
+def batches_seen(trainer) -> int:
+    """Training batches so far, restored on resume and advancing on every accumulated micro-batch."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total.ready

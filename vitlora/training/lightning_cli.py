@@ -1,0 +1,61 @@
+"""The LightningCLI behind ``vitlora fit|validate|test|predict``: recipes, links and trainer defaults.
+
+``vitlora.cli`` runs it for the command line; ``vitlora.compare.measure`` builds it without
+running, to drive the trainer itself with extra callbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from vitlora.training.data import ImageDataModule
+from vitlora.training.module import ImageClassifier
+from vitlora.training.predictions import PredictionWriter
+
+
+class VitloraCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.backbone", "data.backbone")
+        parser.link_arguments("model.img_size", "data.img_size")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("seed_everything", "model.seed")
+        parser.link_arguments("seed_everything", "data.seed")
+
+
+def trainer_defaults() -> dict:
+    return {
+        "logger": {
+            "class_path": "vitlora.training.logging.RunLogger",
+            "init_args": {"save_dir": "runs", "name": "vitlora"},
+        },
+        "callbacks": [
+            ModelCheckpoint(monitor="val/top1", mode="max", save_last=True, filename="best-{epoch}-{step}"),
+            LearningRateMonitor(logging_interval="step"),
+            PredictionWriter(),
+        ],
+        "log_every_n_steps": 10,
+    }
+
+
+def build_cli(args: list[str] | None, *, run: bool = True, callbacks: Sequence[Callback] = ()) -> VitloraCLI:
+    """The CLI of ``vitlora fit`` and friends.
+
+    Args:
+        args: the command line after ``vitlora`` (``["fit", "--config", ...]``), or None for sys.argv.
+        run: False only parses and instantiates, for callers that drive the trainer themselves.
+        callbacks: extra trainer callbacks, after the defaults.
+    """
+    defaults = trainer_defaults()
+    defaults["callbacks"] += list(callbacks)
+    return VitloraCLI(
+        ImageClassifier,
+        ImageDataModule,
+        trainer_defaults=defaults,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        run=run,
+        args=args,
+    )
