@@ -7,7 +7,7 @@ from conftest import MODEL_NAMES, images, randomize_lora, tiny_model
 from torch import nn
 
 from vitlora import LoRAConfig, LoRALinear, count_parameters, inject_lora, merge_lora, remove_lora
-from vitlora.lora import lora_modules
+from vitlora.lora import lora_disabled, lora_modules
 
 ALL_TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
 
@@ -470,3 +470,16 @@ def test_selected_blocks_only(name):
     model = tiny_model(name, depth=3)
     inject_lora(model, LoRAConfig(blocks=[0, -1]))
     assert [n for n, _ in lora_modules(model)] == ["blocks.0.attn.qkv", "blocks.2.attn.qkv"]
+
+
+def test_lora_disabled_gives_the_base_exactly_and_switches_back():
+
+    base = tiny_model()
+    adapted = inject_lora(tiny_model(), LoRAConfig(rank=2, targets=("q", "v", "fc1"), use_dora=True))
+    randomize_lora(adapted)
+    x = images()
+    with torch.no_grad():
+        updated = adapted(x)
+        with lora_disabled(adapted), lora_disabled(adapted):
+            assert torch.equal(adapted(x), base(x))
+        assert torch.equal(adapted(x), updated)

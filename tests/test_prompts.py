@@ -16,6 +16,7 @@ from vitlora import (
     remove_prompt_tokens,
 )
 from vitlora.lora import lora_modules
+from vitlora.prompts import prompts_disabled
 
 PROMPTABLE = [name for name in MODEL_NAMES if not name.startswith("eva")]  # token, distilled, registers, map pool
 VARIANTS = [(name, {}) for name in PROMPTABLE] + [("vit_tiny_patch16_224", {"global_pool": "avg", "fc_norm": True})]
@@ -240,3 +241,16 @@ def test_unsupported_models_are_refused_with_the_reason_and_left_unchanged(make,
 def test_removing_from_a_plain_model_is_refused():
     with pytest.raises(ValueError, match="no prompt tokens to remove"):
         remove_prompt_tokens(tiny_model())
+
+
+def test_prompts_disabled_gives_the_model_without_them_and_switches_back():
+
+    plain = tiny_model()
+    prompted = add_prompt_tokens(tiny_model(), PromptConfig(num_tokens=3, deep=True))
+    x = images()
+    with torch.no_grad():
+        with_prompts = prompted(x)
+        assert not torch.equal(with_prompts, plain(x))
+        with prompts_disabled(prompted):
+            assert torch.equal(prompted(x), plain(x))
+        assert torch.equal(prompted(x), with_prompts) and prompted.num_prefix_tokens == plain.num_prefix_tokens + 3

@@ -7,6 +7,7 @@ vitlora merge grocery.safetensors --output model.safetensors [--format onnx] [--
 vitlora inspect grocery.safetensors [--plot updates.png]
 vitlora compare --config recipes/grocery_compare.yaml --output comparisons/grocery [--budget.max_epochs 1 ...]
 vitlora convert grocery.safetensors grocery-peft/ [--weights BASE]     # and back: a PEFT folder to .safetensors
+vitlora explain grocery.safetensors photo.jpg --output explained/ [--method occlusion] [--target-class NAME]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-EXTRA_COMMANDS = ("export", "classify", "merge", "inspect", "compare", "convert")
+EXTRA_COMMANDS = ("export", "classify", "merge", "inspect", "compare", "convert", "explain")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
             "inspect": inspect_command,
             "compare": compare_command,
             "convert": convert_command,
+            "explain": explain_command,
         }
         commands[words[0]](words[1:])
         return
@@ -211,6 +213,40 @@ def convert_command(argv: list[str]) -> None:
     with exit_on_bad_input("convert"):
         path = convert_adapter(args.source, args.output, weights=args.weights, model_name=args.model)
     print(f"wrote {path}")
+
+
+# --- explain ---------------------------------------------------------------------------------
+
+
+def explain_command(argv: list[str]) -> None:
+    from vitlora.explain import METHODS, explain_images
+
+    parser = argparse.ArgumentParser(
+        prog="vitlora explain",
+        description="Where each image's evidence lies, with the adapter's update and with it switched off: "
+        "one PNG sheet per image plus explanations.csv/.json (docs/explain.md).",
+    )
+    parser.add_argument("adapter", type=Path)
+    parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+    parser.add_argument("--output", required=True, type=Path, help="folder for the sheets and tables")
+    parser.add_argument("--weights", help="local base weights file (offline machines)")
+    parser.add_argument("--method", nargs="+", choices=METHODS, default=[METHODS[0]], help="one sheet row each")
+    parser.add_argument("--target-class", help="explain this class instead of the predicted one")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=32, help="integrated gradients' path steps")
+    args = parser.parse_args(argv)
+    with exit_on_bad_input("explain"):
+        records = explain_images(
+            args.adapter,
+            args.inputs,
+            args.output,
+            weights=args.weights,
+            methods=args.method,
+            target_class=args.target_class,
+            top_k=args.top_k,
+            steps=args.steps,
+        )
+    print(f"wrote {len({r['sheet'] for r in records})} sheets and explanations.csv/.json to {args.output}")
 
 
 if __name__ == "__main__":

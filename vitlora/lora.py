@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from itertools import pairwise
 
@@ -182,6 +183,7 @@ class LoRALinear(nn.Linear):
         add_lora_parameters(self, base, config, slices)
         if config.use_dora:
             self.lora_magnitude = nn.Parameter(torch.linalg.vector_norm(self.chosen_rows(self.weight.detach()), dim=1))
+        self.lora_enabled = True  # False (lora_disabled): the frozen base layer alone
 
     def chosen_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """The rows of an ``out x ...`` tensor that the slices update, stacked."""
@@ -204,6 +206,8 @@ class LoRALinear(nn.Linear):
             base = _FrozenLinear.apply(x, self.weight, self.bias)
         else:
             base = F.linear(x, self.weight, self.bias)
+        if not self.lora_enabled:
+            return base
         updated = lora_forward(self, x, base)
         if not self.config.use_dora:
             return updated
@@ -275,6 +279,24 @@ class _FrozenLinear(torch.autograd.Function):
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Switches every LoRA (and DoRA) update of ``model`` off for the duration: each layer computes its frozen base.
+
+    Outputs equal the base model's (with whatever else the model carries: heads, prompt tokens,
+    tuned biases) exactly, without a second copy of the weights; nested uses restore what they found.
+    """
+    layers = [module for _, module in lora_modules(model)]
+    found = [layer.lora_enabled for layer in layers]
+    for layer in layers:
+        layer.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, found, strict=True):
+            layer.lora_enabled = enabled
 
 
 def lora_config(model: nn.Module) -> LoRAConfig:

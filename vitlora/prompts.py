@@ -12,6 +12,8 @@ prompt tokens. This module knows nothing of LoRA, files or training loops.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -55,6 +57,7 @@ class PromptTokens(nn.Module):
         self.config = config
         self.start = start
         self.replace = replace
+        self.enabled = True  # False (prompts_disabled): the block's input passes unchanged
         self.tokens = nn.Parameter(torch.empty(config.num_tokens, dim, dtype=like.dtype, device=like.device))
         nn.init.normal_(self.tokens, std=config.init_std)
 
@@ -63,9 +66,11 @@ class PromptTokens(nn.Module):
         return f"{self.config.num_tokens} tokens of {self.tokens.shape[1]}, {action} tokens {self.start}.."
 
 
-def _splice_prompt_tokens(block: nn.Module, args: tuple) -> tuple:
+def _splice_prompt_tokens(block: nn.Module, args: tuple) -> tuple | None:
     """The forward pre-hook: the block's input with its prompt tokens in place."""
     prompt: PromptTokens = getattr(block, PROMPT_MODULE)
+    if not prompt.enabled:
+        return None
     x, *rest = args
     tokens = prompt.tokens.to(x.dtype).expand(x.shape[0], -1, -1)
     after = prompt.start + tokens.shape[1] if prompt.replace else prompt.start
@@ -139,3 +144,32 @@ def remove_prompt_tokens(model: nn.Module) -> nn.Module:
     model.num_prefix_tokens -= config.num_tokens
     model.requires_grad_(True)
     return model
+
+
+@contextmanager
+def prompts_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Skips every prompt token of ``model`` for the duration: its outputs are those of the model without them.
+
+    Unlike :func:`remove_prompt_tokens` nothing is deleted or unfrozen; a model without prompt
+    tokens passes through unchanged.
+    """
+    model = getattr(model, "_orig_mod", model)
+    config = prompt_config(model)
+    if config is None or not _prompt_modules(model)[0].enabled:
+        yield model
+        return
+    prompts = _prompt_modules(model)
+    for prompt in prompts:
+        prompt.enabled = False
+    model.num_prefix_tokens -= config.num_tokens
+    try:
+        yield model
+    finally:
+        model.num_prefix_tokens += config.num_tokens
+        for prompt in prompts:
+            prompt.enabled = True
+
+
+def _prompt_modules(model: nn.Module) -> list[PromptTokens]:
+    blocks = transformer_blocks(model)
+    return [prompt for block in blocks if isinstance(prompt := getattr(block, PROMPT_MODULE, None), PromptTokens)]

@@ -61,6 +61,7 @@ class ImageClassifier(L.LightningModule):
         train_last_blocks: int | None = None,
         torch_compile: bool = False,
         compile_kwargs: dict[str, Any] | None = None,
+        explain_worst: int = 0,
     ) -> None:
         """``lr`` is for the adapted weights, ``head_lr`` (default ``lr``) for the new head.
         ``lora_plus_ratio`` (LoRA+, Hayou et al. 2024) trains every LoRA ``B`` at ``lr * ratio``,
@@ -74,7 +75,11 @@ class ImageClassifier(L.LightningModule):
         in them, or for ``full`` them plus the final norm and head), so backward never runs
         through the earlier ones. ``torch_compile`` compiles the backbone in place when a
         Trainer sets the model up (checkpoint keys unchanged); ``compile_kwargs`` go to
-        ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``)."""
+        ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``).
+
+        ``explain_worst=N``: ``vitlora test`` also writes explanation sheets (vitlora.explain) of the N
+        test images whose true class got the lowest probability, into ``explanations/`` next to the
+        confusion matrix."""
         super().__init__()
         if isinstance(prompt, dict):  # as stored in checkpoints
             prompt = PromptConfig(**prompt)
@@ -166,6 +171,8 @@ class ImageClassifier(L.LightningModule):
         self.log_dict(self.test_metrics)
         self.test_per_class.update(logits, targets)
         self.test_confusion.update(logits, targets)
+        if self.hparams.explain_worst:
+            self._worst = worst_images(getattr(self, "_worst", []), images, targets, logits, self.hparams.explain_worst)
 
     def on_test_epoch_end(self) -> None:
         from vitlora.training.report import write_test_report
@@ -174,8 +181,39 @@ class ImageClassifier(L.LightningModule):
         per_class, confusion = self.test_per_class.compute(), self.test_confusion.compute()  # syncs: every rank
         if self.trainer.is_global_zero:
             write_test_report(folder, self.class_names, per_class.cpu(), confusion.cpu())
+            if getattr(self, "_worst", None):
+                self.explain_worst_images(folder / "explanations")
+        self._worst = []
         self.test_per_class.reset()
         self.test_confusion.reset()
+
+    def explain_worst_images(self, folder: Path) -> None:
+        """Sheets of the most confused test images (this rank's), explaining each one's true class."""
+        from vitlora.datasets import backbone_data_config
+        from vitlora.explain import explain_pixels, with_heads_of, write_explanations
+
+        hp = self.hparams
+        base = None
+        if hp.bias_tuning:  # tuned biases replaced the base's own: rebuild the frozen base
+            kwargs = {**(hp.model_kwargs or {}), **({"img_size": hp.img_size} if hp.img_size else {})}
+            plain = create_backbone(hp.backbone, hp.num_classes, weights=hp.weights, pretrained=hp.pretrained, **kwargs)
+            base = with_heads_of(plain.to(self.device), self.model)
+        config = backbone_data_config(hp.backbone, hp.img_size)
+        _, images, targets = zip(*self._worst, strict=True)
+        with torch.inference_mode(False):  # Lightning tests in inference mode; attributions need gradients
+            pixels = torch.stack(images).clone().to(self.device)
+            explanations = explain_pixels(
+                self.model,
+                pixels,
+                names=[f"worst-{i + 1}-{self.class_names[t]}" for i, t in enumerate(targets)],
+                class_names=self.class_names,
+                mean=config["mean"],
+                std=config["std"],
+                methods=("integrated-gradients", "occlusion"),
+                targets=torch.tensor(targets),
+                base=base,
+            )
+        write_explanations(explanations, folder)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -255,6 +293,21 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"Checkpoint lacks trainable tensors {missing[:5]}: was it saved by another method?")
         for key, tensor in self.state_dict().items():
             state.setdefault(key, tensor)
+
+
+def worst_images(
+    kept: list[tuple[float, torch.Tensor, int]],
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    logits: torch.Tensor,
+    count: int,
+) -> list[tuple[float, torch.Tensor, int]]:
+    """The ``count`` (true-class probability, image, class) with the lowest probability so far, on the CPU."""
+    probabilities = logits.float().softmax(-1).gather(1, targets[:, None])[:, 0].tolist()
+    batch = [
+        (p, image.detach().cpu(), int(t)) for p, image, t in zip(probabilities, images, targets.tolist(), strict=True)
+    ]
+    return sorted(kept + batch, key=lambda item: item[0])[:count]
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
