@@ -2,7 +2,6 @@
 
 import pytest
 from conftest import tiny_model
-
 from torch import nn
 
 from vitlora.targets import VALID_TARGETS, find_lora_sites, patch_embedding_site, qkv_slices, site_target
@@ -44,6 +43,8 @@ def test_a_convolution_that_is_not_a_patch_embedding_is_refused():
         patch_embedding_site(model)
 
 
-@pytest.mark.parametrize("path", ["patch_embed.proj.base", "head", "blocks.0.attn", "blocks.0.attn.qkv.base", "attn_pool.q"])
+@pytest.mark.parametrize(
+    "path", ["patch_embed.proj.base", "head", "blocks.0.attn", "blocks.0.attn.qkv.base", "attn_pool.q"]
+)
 def test_other_modules_are_not_sites(path):
     assert site_target(path) is None
