@@ -47,15 +47,14 @@ def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 def randomize_lora(model, std: float = 0.2, seed: int = 2) -> None:
     """Gives every LoRA B a non-zero value so updates actually change outputs (and moves DoRA magnitudes)."""
-    from vitlora import LoRALinear
+    from vitlora.lora import lora_modules
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoRALinear):
-                module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator) * std)
-                if module.config.use_dora:
-                    module.lora_magnitude.mul_(1 + torch.randn(module.lora_magnitude.shape, generator=generator) * std)
+        for _, module in lora_modules(model):
+            module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator) * std)
+            if module.config.use_dora:
+                module.lora_magnitude.mul_(1 + torch.randn(module.lora_magnitude.shape, generator=generator) * std)
 
 
 @pytest.fixture(params=MODEL_NAMES)

@@ -48,6 +48,46 @@ def test_config_round_trips_through_json_and_has_the_documented_defaults():
     assert LoRAConfig(rank=4, alpha=8).scaling == 2.0
 
 
+def test_rank_and_alpha_patterns_name_layers_as_peft_does():
+    config = LoRAConfig(rank=4, alpha=8, rank_pattern={"fc2": 2, r"blocks\.1\..*": 6}, alpha_pattern={"qkv": 3})
+    assert [config.rank_for(p) for p in ("blocks.0.mlp.fc2", "blocks.1.mlp.fc2", "blocks.1.attn.qkv")] == [2, 2, 6]
+    assert config.rank_for("blocks.0.mlp.fc2x") == 4  # a suffix is a whole dotted name, not a substring
+    assert (config.scaling_for("blocks.0.attn.qkv"), config.scaling_for("blocks.0.attn.proj")) == (0.75, 2.0)
+    assert LoRAConfig.from_json(config.to_json()) == config
+    assert "rank_pattern" not in LoRAConfig().to_json()  # plain files stay readable by vitlora 0.1
+    for bad, message in [({"fc2": 0}, "positive integer"), ({"(": 2}, "not a regular expression")]:
+        with pytest.raises(ValueError, match=message):
+            LoRAConfig(rank_pattern=bad)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_per_layer_ranks_and_the_patch_embedding_merge_exactly(model_name, use_dora):
+    config = LoRAConfig(
+        rank=4, targets=("q", "v", "fc2", "patch_embed"), rank_pattern={"fc2": 2}, alpha_pattern={"proj": 3},
+        use_dora=use_dora,
+    )  # fmt: skip
+    model = inject_lora(tiny_model(model_name), config)
+    randomize_lora(model)
+    layers = dict(lora_modules(model))
+    assert type(layers["patch_embed.proj"]).__name__ == "LoRAConv2d"
+    assert layers["patch_embed.proj"].lora_A.shape == (4, 3 * 8 * 8) and layers["patch_embed.proj"].scaling == 3 / 4
+    assert layers["blocks.0.mlp.fc2"].lora_A.shape[0] == 2
+    before = tiny_model(model_name)(images())
+    adapted = model(images())
+    assert (adapted - before).abs().max() > 1e-3
+    torch.testing.assert_close(merge_lora(model)(images()), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_embedding_lora_is_the_lora_of_each_flattened_patch():
+    conv = tiny_model().patch_embed.proj
+    layer = inject_lora(tiny_model(), LoRAConfig(rank=3, targets=("patch_embed",))).patch_embed.proj
+    torch.nn.init.normal_(layer.lora_B)
+    x = images()
+    patches = torch.nn.functional.unfold(x, kernel_size=8, stride=8).transpose(1, 2)  # N x patches x C*8*8
+    dense = patches @ (conv.weight.flatten(1) + layer.delta_weight()).T + conv.bias
+    torch.testing.assert_close(layer(x).flatten(2).transpose(1, 2), dense, atol=1e-5, rtol=1e-5)
+
+
 def test_config_json_written_before_dora_reads_as_plain_lora():
     old = '{"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q", "v"], "blocks": null, "use_rslora": false}'
     assert LoRAConfig.from_json(old) == LoRAConfig(rank=4, alpha=8.0, use_dora=False)

@@ -25,7 +25,17 @@ from vitlora.targets import classifier_names
 # Three tenants that overlap on some layers and not on others, with their own heads and classes.
 TENANTS = {
     "fruit": (LoRAConfig(rank=4, targets=("q", "v")), ["apple", "banana", "cherry"]),
-    "tools": (LoRAConfig(rank=2, alpha=8, targets=("qkv", "proj", "fc1", "fc2"), blocks=[-1]), list("wxyz")),
+    "tools": (
+        LoRAConfig(
+            rank=2,
+            alpha=8,
+            targets=("qkv", "proj", "fc1", "fc2"),
+            blocks=[-1],
+            rank_pattern={"fc2": 3},
+            alpha_pattern={"qkv": 5},
+        ),  # per-layer rank and alpha
+        list("wxyz"),
+    ),
     "shoes": (LoRAConfig(rank=8, targets=("k", "fc2"), blocks=[0], use_rslora=True), [f"s{i}" for i in range(6)]),
 }
 ROUTES = ["fruit", "tools", None, "shoes", "fruit", "tools", "shoes"]  # one tenant per image
@@ -271,8 +281,9 @@ def test_gradient_checkpointing_is_refused_rather_than_silently_dropping_the_rou
         (lambda m: inject_lora(m, LoRAConfig(rank=2, use_dora=True)), "DoRA magnitudes"),
         (lambda m: add_prompt_tokens(m, PromptConfig(num_tokens=2)), "prompt tokens"),
         (lambda m: enable_bias_tuning(inject_lora(m, LoRAConfig(rank=2))), "tuned biases"),
+        (lambda m: inject_lora(m, LoRAConfig(rank=2, targets=("patch_embed",))), "LoRA on the patch embedding"),
     ],
-    ids=["dora", "prompts", "bitfit"],
+    ids=["dora", "prompts", "bitfit", "patch-embed"],
 )
 def test_adapters_that_change_the_shared_trunk_are_refused_with_the_file_named(tmp_path, adapt, message):
     path = save_adapter(adapt(tiny_model()), tmp_path / "other.safetensors")

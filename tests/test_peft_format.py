@@ -1,6 +1,7 @@
 """PEFT interoperability, checked against the installed ``peft`` package on tiny timm models."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -124,22 +125,24 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path, name, config):
     assert (peft_model(images()) - lora_off(images())).abs().max() > 1e-2  # PEFT really applied the LoRA
 
 
-def test_q_v_on_a_fused_qkv_becomes_a_block_structured_lora_of_rank_2r(tmp_path):
+def test_q_v_on_a_fused_qkv_becomes_a_block_structured_lora_of_rank_2r_and_nothing_is_padded(tmp_path):
     model = trained("vit_tiny_patch16_224", targets=("q", "v", "fc2"))
     export_peft(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert config["r"] == 8 and config["lora_alpha"] == 12.0 and not config["use_rslora"]  # 12 / 8 == 6 / 4
+    assert config["rank_pattern"] == {r"blocks\.0\.mlp\.fc2": 4, r"blocks\.1\.mlp\.fc2": 4}
+    assert config["alpha_pattern"] == {r"blocks\.0\.mlp\.fc2": 6.0, r"blocks\.1\.mlp\.fc2": 6.0}
     b = tensors["base_model.model.blocks.0.attn.qkv.lora_B.weight"]
     assert b.shape == (192, 8)
     assert not b[64:128].any()  # k untouched
     assert not b[:64, 4:].any() and not b[128:, :4].any()  # q and v each use their own rank-4 block
-    fc2_a = tensors["base_model.model.blocks.0.mlp.fc2.lora_A.weight"]
-    assert fc2_a.shape == (8, 256) and not fc2_a[4:].any()  # zero-padded to PEFT's single rank
-    scaling = config["lora_alpha"] / config["r"]
+    assert tensors["base_model.model.blocks.0.mlp.fc2.lora_A.weight"].shape == (4, 256)  # its own rank, no zeros
     for name, layer in lora_modules(model):
+        pattern = re.escape(name)
+        rank, alpha = config["rank_pattern"].get(pattern, 8), config["alpha_pattern"].get(pattern, 12.0)
         a, b = (tensors[f"base_model.model.{name}.lora_{m}.weight"] for m in "AB")
-        torch.testing.assert_close(scaling * b @ a, layer.delta_weight(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(alpha / rank * b @ a, layer.delta_weight(), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", PEFT_FAMILIES)
@@ -172,9 +175,21 @@ def test_import_then_export_writes_peft_tensors_back_unchanged(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*reads qkv.weight directly")
-@pytest.mark.parametrize("targets", [("q", "v"), ("qkv", "proj", "fc1", "fc2")])
-def test_vitlora_to_peft_to_vitlora_is_exact(tmp_path, model_name, targets):
-    model = trained(model_name, targets=targets, blocks=[0, 1])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"targets": ("q", "v")},
+        {"targets": ("qkv", "proj", "fc1", "fc2")},
+        {
+            "targets": ("q", "v", "fc2", "patch_embed"),
+            "rank_pattern": {"fc2": 2},
+            "alpha_pattern": {"patch_embed.proj": 3},
+        },
+    ],
+    ids=["q-v", "whole-layers", "patch-embed-and-per-layer-rank"],
+)
+def test_vitlora_to_peft_to_vitlora_is_exact(tmp_path, model_name, config):
+    model = trained(model_name, blocks=[0, 1], **config)
     export_peft(model, tmp_path, class_names=CLASSES, model_name="my-base", model_kwargs={"img_size": 32})
     adapter = read_peft(tmp_path)
     assert adapter.config == lora_config(model)
@@ -257,10 +272,8 @@ def edited(folder, tmp_path, **changes):
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("bias", "lora_only"),
+        ("bias", "some"),
         ("lora_bias", True),
-        ("rank_pattern", {"blocks.0.attn.qkv": 8}),
-        ("alpha_pattern", {"blocks.0.attn.qkv": 8}),
         ("init_lora_weights", "pissa"),
         ("init_lora_weights", "olora"),
         ("layer_replication", [[0, 1]]),
@@ -289,11 +302,10 @@ def test_init_only_peft_options_are_fine(peft_folder, tmp_path, option, value):
 @pytest.mark.parametrize(
     ("peft_options", "message"),
     [
-        ({"target_modules": ["qkv", "proj"]}, r"LoRA on \['patch_embed\.proj'\] cannot be imported.*full path"),
         ({"target_modules": ["blocks.0.attn.qkv", "blocks.1.mlp.fc2"]}, r"targets differ between blocks"),
         ({"heads": False}, r"adapter_model\.safetensors: holds no classifier head"),
     ],
-    ids=["bare-proj", "per-block-targets", "no-head"],
+    ids=["per-block-targets", "no-head"],
 )
 def test_peft_adapters_vitlora_cannot_represent_are_refused_clearly(tmp_path, peft_options, message):
     peft_trained("vit_tiny_patch16_224", tmp_path, **peft_options)
@@ -470,3 +482,85 @@ def test_dora_tensors_and_config_that_disagree_are_refused_by_file(tmp_path):
     peft_trained("vit_tiny_patch16_224", tmp_path / "dora", use_dora=True)
     with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: unexpected tensors .*lora_magnitude_vector"):
         read_peft(edited(tmp_path / "dora", tmp_path / "off", use_dora=False))
+
+
+# --- The common PEFT recipes: Conv2d patch embedding, target_modules forms, patterns, bias ------------------
+
+
+@pytest.mark.parametrize("name", PEFT_FAMILIES)
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_the_usual_timm_recipe_with_a_conv_lora_on_the_patch_embedding_imports(tmp_path, name, use_dora):
+    """target_modules=["qkv", "proj", "fc1", "fc2"] also puts a Conv2d LoRA on patch_embed.proj."""
+    peft_model = peft_trained(name, tmp_path, ["qkv", "proj", "fc1", "fc2"], use_dora=use_dora)
+    assert "base_model.model.patch_embed.proj.lora_A.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    model = import_peft(tiny_model(name), tmp_path).eval()
+    assert "patch_embed" in lora_config(model).targets
+    torch.testing.assert_close(model(images()), peft_model(images()), **TOLERANCE)
+
+
+def test_head_dist_that_peft_did_not_save_stays_the_bases(tmp_path):
+    name = "deit_tiny_distilled_patch16_224"
+    model = tiny_model(name)
+    lora = peft.LoraConfig(r=4, lora_alpha=6, target_modules=["qkv"], modules_to_save=["head"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(model, lora).eval()
+    peft_model.save_pretrained(tmp_path)
+    imported = import_peft(tiny_model(name), tmp_path).eval()
+    torch.testing.assert_close(imported(images()), peft_model(images()), **TOLERANCE)
+
+
+TARGET_FORMS = {
+    "list": {"target_modules": ["qkv", "q_proj", "v_proj", "fc2"]},
+    "regex": {"target_modules": r".*\.(qkv|[qkv]_proj|fc1|fc1_g|fc1_x)", "use_rslora": True},
+    "all-linear-patterns": {
+        "target_modules": "all-linear",
+        "rank_pattern": {"fc2": 2, r"blocks\.1\.attn\.(qkv|q_proj)": 6},
+        "alpha_pattern": {"proj": 3, "blocks.0.mlp.fc1": 9},
+    },
+    "layers-to-transform": {
+        "target_modules": ["qkv", "q_proj", "proj"],
+        "layers_to_transform": [1],
+        "layers_pattern": "blocks",
+    },
+}
+
+
+@pytest.mark.parametrize("name", PEFT_FAMILIES)
+@pytest.mark.parametrize("options", TARGET_FORMS.values(), ids=TARGET_FORMS.keys())
+def test_any_target_modules_form_with_rank_and_alpha_patterns_imports(tmp_path, name, options):
+    peft_model = peft_trained(name, tmp_path, **options)
+    model = import_peft(tiny_model(name), tmp_path).eval()
+    torch.testing.assert_close(model(images()), peft_model(images()), **TOLERANCE)
+    for path, layer in lora_modules(model):
+        peft_layer = peft_model.base_model.model.get_submodule(path)
+        assert (layer.rank, layer.scaling) == (peft_layer.r["default"], peft_layer.scaling["default"])
+    export_peft(model, tmp_path / "again")  # and back to PEFT, per-layer ranks without padding
+    torch.testing.assert_close(from_pretrained(name, tmp_path / "again")(images()), model(images()), **TOLERANCE)
+
+
+def test_lora_on_a_map_pooling_head_is_refused_by_module(tmp_path):
+    peft_trained("vit_base_patch16_siglip_224", tmp_path, "all-linear")
+    with pytest.raises(AdapterError, match=r"LoRA on \['attn_pool\.kv', .*cannot be imported"):
+        import_peft(tiny_model("vit_base_patch16_siglip_224"), tmp_path)
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_peft_bias_training_becomes_vitlora_bias_tuning(tmp_path, bias):
+    name = "vit_tiny_patch16_224"
+    peft_model = peft_trained(name, tmp_path, ["qkv", "fc2"], bias=bias)
+    with torch.no_grad():  # move the trained biases, then save again
+        for key, parameter in peft_model.named_parameters():
+            if key.endswith("bias") and parameter.requires_grad:
+                parameter.add_(0.3)
+    peft_model.save_pretrained(tmp_path)
+    model = import_peft(tiny_model(name), tmp_path).eval()
+    torch.testing.assert_close(model(images()), peft_model(images()), **TOLERANCE)
+    assert model.blocks[0].attn.qkv.bias.requires_grad and model.blocks[0].norm1.bias.requires_grad
+    with pytest.raises(AdapterError, match=rf"bias='{bias}' maps onto vitlora's bias tuning only on the base model"):
+        read_peft(tmp_path)
+
+
+def test_a_rank_pattern_that_disagrees_with_the_tensors_is_refused(peft_folder, tmp_path):
+    with pytest.raises(
+        AdapterError, match=r"rank_pattern give blocks\.0\.attn\.qkv rank 8, but its tensors have rank 4"
+    ):
+        read_peft(edited(peft_folder, tmp_path, rank_pattern={"blocks.0.attn.qkv": 8}))

@@ -12,7 +12,7 @@ from vitlora.apply import apply_adapter, build_model_with_adapter, load_adapter
 from vitlora.backbone import create_backbone
 from vitlora.inference import classify
 from vitlora.inspection import AdapterSummary, UpdateStats, inspect_adapter, write_update_heatmap
-from vitlora.lora import LoRAConfig, LoRALinear, inject_lora, lora_config, merge_lora, remove_lora
+from vitlora.lora import LoRAConfig, LoRAConv2d, LoRALinear, inject_lora, lora_config, merge_lora, remove_lora
 from vitlora.memory import SavedTensor, activation_bytes, saved_for_backward
 from vitlora.merge import ExportError, export_onnx, merge_adapter
 from vitlora.multi import MixedLogits, MultiAdapter
@@ -32,6 +32,7 @@ __all__ = [
     "AdapterSummary",
     "ExportError",
     "LoRAConfig",
+    "LoRAConv2d",
     "LoRALinear",
     "MixedLogits",
     "MultiAdapter",

@@ -111,9 +111,10 @@ def _update_stats(adapter: Adapter) -> list[UpdateStats]:
     """Singular values of each update from the r x r core ``R_B R_A^T`` (QR of B and A^T): exact, never dense."""
     if adapter.config is None:
         return []
-    rank, updates = adapter.config.rank, []
+    updates = []
     for key in sorted(k for k in adapter.tensors if k.endswith(".lora_A")):
         layer = key.removesuffix(".lora_A")
+        rank, scaling = adapter.config.rank_for(layer), adapter.config.scaling_for(layer)
         down, up = adapter.tensors[key].double(), adapter.tensors.get(f"{layer}.lora_B")
         labels = update_labels(layer, adapter.config.targets)
         parts = len(labels)
@@ -129,7 +130,7 @@ def _update_stats(adapter: Adapter) -> list[UpdateStats]:
             raise AdapterError(adapter.path, f"{layer}: LoRA tensors do not fit {parts} update(s) of rank {rank}.")
         for label, b, a in zip(labels, up.double().chunk(parts), down.chunk(parts), strict=True):
             core = torch.linalg.qr(b).R @ torch.linalg.qr(a.T).R.T
-            values = (adapter.config.scaling * torch.linalg.svdvals(core)).tolist()
+            values = (scaling * torch.linalg.svdvals(core)).tolist()
             updates.append(UpdateStats(int(block), label, layer, tuple(values)))
     return sorted(updates, key=lambda u: (u.block, VALID_TARGETS.index(u.target.split("_")[0]), u.target))
 

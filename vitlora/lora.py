@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import pairwise
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +40,13 @@ class LoRAConfig:
 
     ``targets``: any of ``q k v`` (one update per projection, fused or not), ``qkv`` (the
     fused projection as a single update, as PEFT does; on separate projections it means
-    q, k and v), ``proj``, ``fc1`` (both SwiGLU inputs), ``fc2``. ``blocks``: None for all,
-    or block indices, negative ones counting from the end. ``use_dora``: weight-decomposed
-    LoRA (Liu et al. 2024), see :class:`LoRALinear`.
+    q, k and v), ``proj``, ``fc1`` (both SwiGLU inputs), ``fc2``, ``patch_embed`` (the patch
+    embedding convolution, see :class:`LoRAConv2d`; outside the blocks, so ``blocks`` does
+    not limit it). ``blocks``: None for all, or block indices, negative ones counting from
+    the end. ``use_dora``: weight-decomposed LoRA (Liu et al. 2024), see :class:`LoRALinear`.
+    ``rank_pattern`` / ``alpha_pattern``: per-layer rank and alpha, keyed as PEFT keys them: the
+    first key that fully matches the module path (``blocks.0.attn.qkv``) as a regex, or a
+    ``.``-separated suffix of it, wins; other layers use ``rank`` / ``alpha``.
     """
 
     rank: int = 8
@@ -50,6 +56,8 @@ class LoRAConfig:
     blocks: Sequence[int] | None = None
     use_rslora: bool = False
     use_dora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -72,17 +80,66 @@ class LoRAConfig:
             raise ValueError("LoRA target 'qkv' already covers q, k and v: use either 'qkv' or any of 'q', 'k', 'v'.")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"use_dora must be true or false, got {self.use_dora!r}.")
+        self.rank_pattern = _checked_pattern("rank_pattern", self.rank_pattern, _is_rank)
+        self.alpha_pattern = _checked_pattern("alpha_pattern", self.alpha_pattern, _is_alpha)
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        """The scaling of layers that no pattern names."""
+        return self.scaling_for("")
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the layer at module path ``path`` (``rank_pattern``, else ``rank``)."""
+        return self.rank_pattern.get(pattern_key(self.rank_pattern, path), self.rank)
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha of the layer at module path ``path`` (``alpha_pattern``, else ``alpha``)."""
+        return self.alpha_pattern.get(pattern_key(self.alpha_pattern, path), self.alpha)
+
+    def scaling_for(self, path: str) -> float:
+        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) of the layer at module path ``path``."""
+        rank = self.rank_for(path)
+        return self.alpha_for(path) / (math.sqrt(rank) if self.use_rslora else rank)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        """The config as JSON; empty patterns are left out, so files without them stay readable by vitlora 0.1."""
+        fields = asdict(self)
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not fields[name]:
+                del fields[name]
+        return json.dumps(fields)
 
     @classmethod
     def from_json(cls, text: str) -> LoRAConfig:
         return cls(**json.loads(text))
+
+
+def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
+    """The first key of ``patterns`` naming module ``path``, as PEFT's ``get_pattern_key`` finds it, else None."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", path)), None)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_alpha(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _checked_pattern(name: str, pattern: Any, valid: Any) -> dict[str, Any]:
+    """A copy of a rank/alpha pattern whose keys are valid regexes and whose values are valid."""
+    if not isinstance(pattern, dict):
+        raise ValueError(f"LoRA {name} must be a mapping from module pattern to value, got {pattern!r}.")
+    for key, value in pattern.items():
+        try:
+            re.compile(key)
+        except (re.error, TypeError) as error:
+            raise ValueError(f"LoRA {name} key {key!r} is not a regular expression ({error}).") from error
+        if not valid(value):
+            kind = "a positive integer" if name == "rank_pattern" else "a positive number"
+            raise ValueError(f"LoRA {name}[{key!r}] must be {kind}, got {value!r}.")
+    return dict(pattern)
 
 
 def place_rows(rows: torch.Tensor, slices: Sequence[tuple[int, int]], out_features: int, fill: float) -> torch.Tensor:
@@ -110,29 +167,39 @@ def expand_lora_B(lora_B: torch.Tensor, slices: Sequence[tuple[int, int]], out_f
 
 def add_lora_parameters(
     layer: nn.Module,
-    linear: nn.Linear,
+    linear: nn.Linear | nn.Conv2d,
     config: LoRAConfig,
     slices: Sequence[tuple[int, int]] | None = None,
+    path: str = "",
 ) -> None:
     """Gives ``layer`` the low-rank update of ``linear``'s chosen output slices: the one place LoRA tensors are made.
 
-    Sets ``slices``, ``slice_widths``, ``out_features``, ``scaling``, ``lora_A`` (``n*r x in``,
-    Kaiming-uniform), ``lora_B`` (``sum(widths) x r``, zero, so the update starts at exactly 0)
-    and ``lora_dropout`` on ``layer``: LoRALinear and each adapter of a MultiAdapter layer share
-    these names, so their tensors load from the same adapter-file keys.
+    Sets ``slices``, ``slice_widths``, ``out_features``, ``rank`` and ``scaling`` (the config's
+    for module ``path``), ``lora_A`` (``n*r x in``, Kaiming-uniform), ``lora_B`` (``sum(widths) x r``,
+    zero, so the update starts at exactly 0) and ``lora_dropout`` on ``layer``: LoRALinear,
+    LoRAConv2d and each adapter of a MultiAdapter layer share these names, so their tensors load
+    from the same adapter-file keys. A patch-embedding nn.Conv2d is the linear map of a
+    flattened patch: ``in`` is ``channels * kernel height * kernel width``.
     """
-    out_features = linear.out_features
+    in_features, out_features = _matrix_shape(linear)
     layer.slices = tuple(sorted(slices or ((0, out_features),)))
     if any(a[1] > b[0] for a, b in pairwise(layer.slices)) or layer.slices[-1][1] > out_features:
         raise ValueError(f"LoRA slices {layer.slices} overlap or exceed {out_features} outputs.")
     layer.slice_widths = [stop - start for start, stop in layer.slices]
     layer.out_features = out_features
-    layer.scaling = config.scaling
+    layer.rank, layer.scaling = config.rank_for(path), config.scaling_for(path)
     like = {"dtype": linear.weight.dtype, "device": linear.weight.device}
-    layer.lora_A = nn.Parameter(torch.empty(len(layer.slices) * config.rank, linear.in_features, **like))
-    layer.lora_B = nn.Parameter(torch.zeros(sum(layer.slice_widths), config.rank, **like))
+    layer.lora_A = nn.Parameter(torch.empty(len(layer.slices) * layer.rank, in_features, **like))
+    layer.lora_B = nn.Parameter(torch.zeros(sum(layer.slice_widths), layer.rank, **like))
     nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
     layer.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+
+def _matrix_shape(layer: nn.Linear | nn.Conv2d) -> tuple[int, int]:
+    """``(in, out)`` of the matrix a layer applies (to each flattened patch, for a convolution)."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.weight[0].numel(), layer.out_channels
+    return layer.in_features, layer.out_features
 
 
 def lora_forward(layer: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -174,13 +241,14 @@ class LoRALinear(nn.Linear):
         config: LoRAConfig,
         slices: Sequence[tuple[int, int]] | None = None,
         parts: Sequence[str] = (),
+        path: str = "",
     ) -> None:
         super().__init__(base.in_features, base.out_features, base.bias is not None, device="meta")
         self.weight = base.weight
         self.bias = base.bias
         self.config = config
         self.parts = tuple(parts)
-        add_lora_parameters(self, base, config, slices)
+        add_lora_parameters(self, base, config, slices, path)
         if config.use_dora:
             self.lora_magnitude = nn.Parameter(torch.linalg.vector_norm(self.chosen_rows(self.weight.detach()), dim=1))
         self.lora_enabled = True  # False (lora_disabled): the frozen base layer alone
@@ -221,8 +289,7 @@ class LoRALinear(nn.Linear):
 
     @property
     def merge_dtype(self) -> torch.dtype:
-        """At least float32 (a bf16 merge would round the small update away); float64 weights stay float64."""
-        return torch.promote_types(self.weight.dtype, torch.float32)
+        return merge_dtype(self.weight)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -255,7 +322,88 @@ class LoRALinear(nn.Linear):
     def extra_repr(self) -> str:
         parts = f", parts={self.parts}" if self.parts else ""
         dora = ", dora" if self.config.use_dora else ""
-        return f"{super().extra_repr()}, rank={self.config.rank}, scaling={self.scaling:g}{parts}{dora}"
+        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}{parts}{dora}"
+
+
+def merge_dtype(weight: torch.Tensor) -> torch.dtype:
+    """At least float32 (a bf16 merge would round the small update away); float64 weights stay float64."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+class LoRAConv2d(nn.Conv2d):
+    """A frozen patch-embedding nn.Conv2d plus a trainable low-rank update: LoRALinear for the patch embedding.
+
+    With kernel = stride and no padding the convolution is one linear map of each flattened
+    patch (``out x C*kh*kw``), and this is the LoRA of that map (for any one-group convolution), with the tensors
+    :func:`add_lora_parameters` makes: ``lora_A`` (``r x C*kh*kw``) runs as a convolution with the
+    base's kernel and stride, ``lora_B`` (``out x r``) as a 1x1 convolution, as PEFT's Conv2d LoRA
+    does, and the merge folds ``scaling * B A`` reshaped to the kernel into the weight, exactly.
+    The base ``weight``/``bias`` keep their names. ``use_dora`` rescales each output channel as
+    LoRALinear rescales each row.
+    """
+
+    def __init__(self, base: nn.Conv2d, config: LoRAConfig, path: str = "") -> None:
+        if base.groups != 1:
+            raise ValueError(f"LoRA on {path or 'a convolution'} needs one group, found {base.groups}.")
+        super().__init__(
+            base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding, base.dilation,
+            bias=base.bias is not None, padding_mode=base.padding_mode, device="meta",
+        )  # fmt: skip
+        self.weight = base.weight
+        self.bias = base.bias
+        self.config = config
+        self.parts = ("patch_embed",)
+        add_lora_parameters(self, base, config, path=path)
+        if config.use_dora:
+            self.lora_magnitude = nn.Parameter(torch.linalg.vector_norm(self.weight.detach().flatten(1), dim=1))
+        self.lora_enabled = True  # False (lora_disabled): the frozen base convolution alone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self._conv_forward(x, self.weight, self.bias)
+        if not self.lora_enabled:
+            return base
+        low_rank = self._conv_forward(self.lora_dropout(x), self.lora_A.view(-1, *self.weight.shape[1:]), None)
+        updated = base + self.scaling * F.conv2d(low_rank, self.lora_B[:, :, None, None])
+        if not self.config.use_dora:
+            return updated
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(self.weight.flatten(1) + self.scaling * self.lora_B @ self.lora_A, dim=1)
+        scale = (self.lora_magnitude / norm).to(updated.dtype)[:, None, None]
+        unbiased = updated if self.bias is None else updated - self.bias.to(updated.dtype)[:, None, None]
+        return torch.addcmul(updated, scale - 1, unbiased)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``scaling * B A`` as an ``out x C*kh*kw`` matrix in ``merge_dtype``."""
+        dtype = merge_dtype(self.weight)
+        return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The kernel ``W + dW`` (DoRA's magnitude applied per channel) in ``merge_dtype``: what forward computes."""
+        weight = self.weight.flatten(1).to(merge_dtype(self.weight)) + self.delta_weight()
+        if self.config.use_dora:
+            weight *= (self.lora_magnitude.to(weight.dtype) / torch.linalg.vector_norm(weight, dim=1))[:, None]
+        return weight.view(self.weight.shape)
+
+    @torch.no_grad()
+    def to_conv(self, merge: bool = True) -> nn.Conv2d:
+        """A plain nn.Conv2d with the update folded into its kernel, or the base alone (``merge=False``)."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+            bias=self.bias is not None, padding_mode=self.padding_mode, device="meta",
+        )  # fmt: skip
+        conv.weight = nn.Parameter(self.merged_weight().to(self.weight.dtype)) if merge else self.weight
+        conv.bias = self.bias
+        conv.train(self.training)
+        return conv
+
+    def extra_repr(self) -> str:
+        dora = ", dora" if self.config.use_dora else ""
+        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}{dora}"
+
+
+LoRALayer = LoRALinear | LoRAConv2d
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -277,8 +425,8 @@ class _FrozenLinear(torch.autograd.Function):
         return grad @ weight.to(grad.dtype), None, None
 
 
-def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAConv2d))]
 
 
 @contextmanager
@@ -300,7 +448,17 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def lora_config(model: nn.Module) -> LoRAConfig:
-    """The config a model was injected with; raises if it carries no LoRA."""
+    """The config a model was injected with.
+
+    Args:
+        model: a model :func:`inject_lora` adapted.
+
+    Returns:
+        Its :class:`LoRAConfig`.
+
+    Raises:
+        ValueError: the model carries no LoRA layers.
+    """
     modules = lora_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LoRA layers: call inject_lora first.")
@@ -313,6 +471,18 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, verify: bool = True) ->
     With ``verify`` a single no-grad forward pass on a dummy image checks that every LoRA
     layer is really called, so an attention that reads ``qkv.weight`` directly can never
     silently ignore its update. On any error the model is left as it was.
+
+    Args:
+        model: a plain timm ViT (no LoRA yet); its head should already have the task's classes.
+        config: what to adapt and how strongly.
+        verify: run the dummy forward pass check.
+
+    Returns:
+        ``model``, adapted in place: outputs unchanged until training moves ``B`` from zero.
+
+    Raises:
+        ValueError: the model has LoRA already, or the targets/blocks do not exist in it.
+        RuntimeError: a LoRA layer would never be called by the model's forward pass.
     """
     if lora_modules(model):
         raise ValueError("This model already has LoRA layers: merge_lora it or start from a fresh model.")
@@ -328,17 +498,40 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, verify: bool = True) ->
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Drops every LoRA layer without merging: the base model back (prompt tokens stay), all trainable."""
+    """Drops every LoRA layer without merging: the base model back (prompt tokens stay), all trainable.
+
+    Args:
+        model: a model with LoRA layers (none is fine: nothing changes).
+
+    Returns:
+        ``model``, with each LoRA layer replaced by its own frozen base module.
+    """
     return _replace_lora_layers(model, merge=False)
 
 
-def _wrap(site: LoRASite, config: LoRAConfig) -> LoRALinear:
-    layer = LoRALinear(site.linear, config, site.slices, site.parts)
+def _wrap(site: LoRASite, config: LoRAConfig) -> LoRALayer:
+    if isinstance(site.linear, nn.Conv2d):
+        layer = LoRAConv2d(site.linear, config, site.path)
+    else:
+        layer = LoRALinear(site.linear, config, site.slices, site.parts, site.path)
     return layer.train(site.linear.training)  # an eval model must not get active LoRA dropout
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Folds every update into its base weight, leaving a plain timm model (plus any prompt tokens), all trainable."""
+    """Folds every update into its base weight, leaving a plain timm model (plus any prompt tokens), all trainable.
+
+    The merge runs in at least float32 (a bf16 merge would round the small update away) and is
+    exact: the merged model's outputs equal the adapted model's.
+
+    Args:
+        model: a model with LoRA (or DoRA) layers.
+
+    Returns:
+        ``model``, with the same module types and state-dict keys as a fresh timm model.
+
+    Raises:
+        ValueError: the model has no LoRA layers.
+    """
     if not lora_modules(model):
         raise ValueError(f"{type(model).__name__} has no LoRA layers to merge.")
     return _replace_lora_layers(model, merge=True)
@@ -346,14 +539,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
     for name, module in lora_modules(model):
-        model.set_submodule(name, module.to_linear(merge))
+        model.set_submodule(name, module.to_conv(merge) if isinstance(module, LoRAConv2d) else module.to_linear(merge))
     restore_fused_qkv_routing(model)
     model.requires_grad_(True)
     return model
 
 
 @torch.no_grad()
-def check_lora_in_forward(model: nn.Module, layer_type: type[nn.Module] = LoRALinear) -> None:
+def check_lora_in_forward(
+    model: nn.Module, layer_type: type[nn.Module] | tuple[type[nn.Module], ...] = (LoRALinear, LoRAConv2d)
+) -> None:
     """Raises if a forward pass does not call every ``layer_type`` layer (skipped when the input size is unknown)."""
     shape = input_shape(model)
     like = next(model.parameters(), None)

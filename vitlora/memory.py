@@ -32,8 +32,16 @@ class SavedTensor:
 def saved_for_backward(model: nn.Module, *inputs: Any, **kwargs: Any) -> list[SavedTensor]:
     """Runs ``model(*inputs, **kwargs)`` once and lists every tensor autograd saves for backward.
 
-    Run it under the autocast (or checkpointing) settings to inspect; ``module`` is the
-    innermost submodule running when the tensor was saved ("" for the model itself).
+    Run it under the autocast (or checkpointing) settings to inspect.
+
+    Args:
+        model: the model to run (in training mode for the step you want to measure).
+        *inputs: its positional inputs.
+        **kwargs: its keyword inputs.
+
+    Returns:
+        One :class:`SavedTensor` per saved tensor; ``module`` is the innermost submodule running
+        when it was saved ("" for the model itself), ``parameter`` names it when it is one.
     """
     parameters = {p.untyped_storage().data_ptr(): name for name, p in model.named_parameters()}
     running = [""]
@@ -71,6 +79,13 @@ def saved_for_backward(model: nn.Module, *inputs: Any, **kwargs: Any) -> list[Sa
 
 
 def activation_bytes(saved: Iterable[SavedTensor]) -> int:
-    """Bytes of the unique non-parameter storages: what a step holds from forward to backward."""
+    """Bytes of the unique non-parameter storages: what a step holds from forward to backward.
+
+    Args:
+        saved: what :func:`saved_for_backward` listed.
+
+    Returns:
+        The activation bytes, each storage counted once.
+    """
     unique = {t.storage: t.nbytes for t in saved if t.parameter is None}
     return sum(unique.values())

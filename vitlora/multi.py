@@ -70,9 +70,9 @@ class LoRAUpdate(nn.Module):
     so they load straight from an adapter file; :meth:`MultiAdapter.add` always fills them.
     """
 
-    def __init__(self, linear: nn.Linear, config: LoRAConfig, slices: Sequence[tuple[int, int]]) -> None:
+    def __init__(self, linear: nn.Linear, config: LoRAConfig, slices: Sequence[tuple[int, int]], path: str) -> None:
         super().__init__()
-        add_lora_parameters(self, linear, config, slices)
+        add_lora_parameters(self, linear, config, slices, path)
 
     def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """``base`` (the frozen layer's output for ``x``) plus this adapter's update."""
@@ -164,6 +164,7 @@ class MultiAdapter(nn.Module):
                 ("DoRA magnitudes", adapter.config is not None and adapter.config.use_dora),
                 ("prompt tokens", adapter.prompt is not None),
                 ("tuned biases", adapter.bias_tuning),
+                ("LoRA on the patch embedding", adapter.config is not None and "patch_embed" in adapter.config.targets),
             )
             if present
         ]
@@ -179,7 +180,7 @@ class MultiAdapter(nn.Module):
             route_fused_qkv_through_module(self.model)
             for site in sites:
                 layer = site.linear if isinstance(site.linear, RoutedLoRALinear) else self._route(site.path)
-                layer.adapters[name] = LoRAUpdate(layer, adapter.config, site.slices).train(layer.training)
+                layer.adapters[name] = LoRAUpdate(layer, adapter.config, site.slices, site.path).train(layer.training)
             self.heads[name] = self._new_heads(adapter.num_classes).train(self.training)
             self._adapters[name] = replace(adapter, tensors={})
             copy_adapter_tensors(self.adapter_parameters(name), adapter)

@@ -3,11 +3,12 @@
 A PEFT LoRA folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` (``r x in``), ``...lora_B.weight`` (``out x r``),
 with DoRA (``use_dora``) ``...lora_magnitude_vector`` (``out``), and the classifier head(s) of
-``modules_to_save`` as ``base_model.model.head.weight``. PEFT has one rank and one alpha for all
-modules and no update on chosen q/k/v slices of a fused ``qkv``, so vitlora's q/v update on
-``qkv`` is written as one rank ``n*r`` LoRA whose B is zero outside each slice's rows and rank
-columns, every other module zero-padded to that rank and alpha set so that the scaling is
-unchanged. PEFT's DoRA magnitude covers every row: rows vitlora does not update (k) get the
+``modules_to_save`` as ``base_model.model.head.weight``. The patch embedding's Conv2d LoRA is
+``r x C x kh x kw`` / ``out x r x 1 x 1`` (vitlora holds the same numbers as matrices). PEFT has
+no update on chosen q/k/v slices of a fused ``qkv``, so vitlora's q/v update on ``qkv`` is
+written as one rank ``n*r`` LoRA whose B is zero outside each slice's rows and rank columns;
+modules whose rank differs from the most common one are named in ``rank_pattern`` (and
+``alpha_pattern``, so that each scaling is unchanged), never zero-padded. PEFT's DoRA magnitude covers every row: rows vitlora does not update (k) get the
 base's own row norms, where PEFT's update is zero, so its scale there is exactly 1. vitlora's
 own header rides along in the safetensors metadata (PEFT ignores it), so the original config,
 classes and base fingerprint come back on import. Only files are handled here; PEFT itself is
@@ -19,7 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,20 +44,31 @@ from vitlora.adapter import (
 )
 from vitlora.apply import apply_adapter, build_base
 from vitlora.files import atomic_directory
-from vitlora.lora import LoRAConfig, LoRALinear, expand_lora_B, lora_config, lora_modules, place_rows
+from vitlora.lora import (
+    LoRAConfig,
+    LoRAConv2d,
+    LoRALayer,
+    LoRALinear,
+    expand_lora_B,
+    lora_config,
+    lora_modules,
+    place_rows,
+)
 from vitlora.prompts import prompt_config
 from vitlora.targets import (
     CLASSIFIER_NAMES,
+    PATCH_EMBED_PATH,
     PROJECTIONS,
     SITE_PATHS,
     VALID_TARGETS,
+    classifier_names,
     classifier_prefixes,
     qkv_slices,
     rerouted_attention,
     site_target,
     unwrap,
 )
-from vitlora.trainable import bias_tuning_enabled
+from vitlora.trainable import bias_tuning_enabled, is_bias_name
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -63,7 +77,7 @@ HEADER_KEY = "vitlora"  # safetensors metadata entry holding vitlora's adapter h
 
 # PEFT options that change what the saved tensors mean, with the value that leaves LoRA plain.
 _PLAIN_OPTIONS: dict[str, Any] = {
-    "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
+    "lora_bias": False,
     "use_qalora": False, "use_bdlora": False, "alora_invocation_tokens": None, "arrow_config": None,
     "velora_config": None, "monteclora_config": None, "kasa_config": None, "layer_replication": None,
     "target_parameters": None, "trainable_token_indices": None, "megatron_config": None,
@@ -71,6 +85,9 @@ _PLAIN_OPTIONS: dict[str, Any] = {
 # Initialisations besides True/False that leave the base weights alone (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA
 # rewrite them, so the saved tensors only fit a changed base).
 _PLAIN_INITS = ("gaussian", "eva", "orthogonal")
+# What PEFT's modules_to_save may name: the classifier heads (a ClassifierHead's ``fc`` included).
+_SAVED_HEADS = (*CLASSIFIER_NAMES, "head.fc")
+_BIAS_MODES = ("none", "all", "lora_only")
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike, **metadata: Any) -> Path:
@@ -95,26 +112,20 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, **metadata: Any)
         raise ValueError(f"{directory}: PEFT export of adapters with {' and '.join(unsupported)} is not supported yet.")
     header = adapter_header(model, **metadata)
     modules = lora_modules(model)
-    rank = max(len(layer.slices) for _, layer in modules) * config.rank
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, layer in modules:
-            a, b = layer.lora_A, expand_lora_B(layer.lora_B, layer.slices, layer.out_features)
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
-            if config.use_dora:
-                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = _magnitude_on_every_row(layer)
+            tensors.update(_peft_lora_tensors(name, layer))
     heads = classifier_prefixes(model)
     tensors.update({PREFIX + key: t.detach() for key, t in model.state_dict().items() if key.startswith(heads)})
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": header["model_name"] or None,
-        "r": rank,
-        "lora_alpha": config.alpha * (math.sqrt(rank / config.rank) if config.use_rslora else rank / config.rank),
+        **_peft_ranks_and_alphas(config, modules),
         "use_rslora": config.use_rslora,
         "lora_dropout": config.dropout,
-        "target_modules": [name for name, _ in modules],  # full paths: a bare "proj" matches patch_embed.proj
+        "target_modules": [name for name, _ in modules],  # full paths: a bare "proj" also matches patch_embed.proj
         "modules_to_save": [prefix.rstrip(".") for prefix in heads],
         "bias": "none",
         "use_dora": config.use_dora,
@@ -138,6 +149,41 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, **metadata: Any)
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
         (tmp / WEIGHTS_NAME).write_bytes(payload)
     return Path(directory)
+
+
+def _peft_lora_tensors(name: str, layer: LoRALayer) -> dict[str, torch.Tensor]:
+    """One layer's PEFT tensors: B expanded over the fused qkv rows, kernel-shaped on the patch embedding."""
+    a, b = layer.lora_A.detach(), expand_lora_B(layer.lora_B.detach(), layer.slices, layer.out_features)
+    if isinstance(layer, LoRAConv2d):  # PEFT's Conv2d DoRA magnitude is 1 x out x 1 x 1
+        a, b = a.view(a.shape[0], *layer.weight.shape[1:]), b[:, :, None, None]
+        magnitude = layer.lora_magnitude.detach().view(1, -1, 1, 1) if layer.config.use_dora else None
+    else:
+        magnitude = _magnitude_on_every_row(layer) if layer.config.use_dora else None
+    tensors = {f"{PREFIX}{name}.lora_A.weight": a, f"{PREFIX}{name}.lora_B.weight": b}
+    if magnitude is not None:
+        tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude
+    return tensors
+
+
+def _peft_ranks_and_alphas(config: LoRAConfig, modules: list[tuple[str, LoRALayer]]) -> dict[str, Any]:
+    """PEFT's ``r`` / ``lora_alpha`` (the most common ones) and patterns naming each module that differs.
+
+    A fused qkv with n updated parts is one PEFT LoRA of rank ``n*r``; its alpha grows by n
+    (sqrt(n) with rsLoRA), so that PEFT's scaling is vitlora's.
+    """
+    ranks, alphas = {}, {}
+    for name, layer in modules:
+        parts = len(layer.slices)
+        ranks[name] = parts * layer.rank
+        alphas[name] = config.alpha_for(name) * (math.sqrt(parts) if config.use_rslora else parts)
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {re.escape(name): r for name, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(name): a for name, a in alphas.items() if a != alpha},
+    }
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
@@ -191,7 +237,9 @@ def read_peft(directory: str | os.PathLike, base: nn.Module | None = None) -> Ad
             weights_path, "no such file" + (found if (directory / "adapter_model.bin").exists() else ".")
         )
     metadata, tensors = read_safetensors(weights_path)
+    tensors, biases = _take_biases(tensors)
     pairs, heads = _split_tensors(weights_path, tensors, use_dora=bool(peft_config.get("use_dora")))
+    tuned_biases = _tuned_biases(config_path, peft_config.get("bias", "none"), biases, base)
     generic = _peft_lora_config(config_path, peft_config, pairs)
     exported = _exported_header(weights_path, metadata)
     restored = _restore_vitlora_layout(exported.config, pairs, base) if exported else None
@@ -199,13 +247,14 @@ def read_peft(directory: str | os.PathLike, base: nn.Module | None = None) -> Ad
     return Adapter(
         path=directory,
         config=config,
-        tensors={**lora, **heads},
+        tensors={**lora, **tuned_biases, **_heads_left_on_base(heads, base)},
         num_classes=int(heads["head.weight"].shape[0]),
         architecture=exported.architecture if exported else None,
         model_name=exported.model_name if exported else _timm_name(peft_config.get("base_model_name_or_path")),
         class_names=exported.class_names if exported else None,
         base_fingerprint=exported.base_fingerprint if exported else None,
         metadata=exported.metadata if exported else {},
+        bias_tuning=bool(tuned_biases),
     )
 
 
@@ -231,10 +280,12 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"PEFT option init_lora_weights={init!r} is not supported by vitlora: it changes the base weights "
             "(PEFT converts such adapters to plain LoRA with save_pretrained(path_initial_model_for_weight_conversion=...)).",
         )
-    extra = sorted(set(peft_config.get("modules_to_save") or ()) - set(CLASSIFIER_NAMES))
+    if peft_config.get("bias", "none") not in _BIAS_MODES:
+        raise AdapterError(path, f"PEFT option bias={peft_config['bias']!r} is not supported by vitlora.")
+    extra = sorted(set(peft_config.get("modules_to_save") or ()) - set(_SAVED_HEADS))
     if extra:
         raise AdapterError(
-            path, f"modules_to_save {extra} are not supported: vitlora adapters carry only {list(CLASSIFIER_NAMES)}."
+            path, f"modules_to_save {extra} are not supported: vitlora adapters carry only {list(_SAVED_HEADS)}."
         )
     return peft_config
 
@@ -257,12 +308,13 @@ def _split_tensors(
             heads[name] = tensor
         else:
             unexpected.append(key)
+    pairs = {module: _as_matrices(pair) for module, pair in pairs.items()}
     foreign = sorted(module for module in pairs if site_target(module) is None)
     if foreign:
         raise AdapterError(
             path,
             f"LoRA on {foreign[:5]} cannot be imported: vitlora adapts {SITE_PATHS} "
-            "(name PEFT's target_modules by full path: a bare 'proj' also matches patch_embed.proj).",
+            "(leave the others out of PEFT's target_modules, e.g. with exclude_modules).",
         )
     if unexpected:
         found = "LoRA A/B, a DoRA magnitude or a classifier head" if use_dora else "LoRA A/B or a classifier head"
@@ -294,33 +346,116 @@ def _split_tensors(
 
 
 def _peft_lora_config(path: Path, peft_config: Mapping[str, Any], pairs: Mapping[str, Mapping]) -> LoRAConfig:
-    """PEFT's own rank, alpha and modules as a vitlora config: one set of targets for the chosen blocks."""
+    """PEFT's own rank, alpha (and their patterns) and modules as a vitlora config: one set of targets for the
+    chosen blocks, plus the patch embedding."""
     targets_by_block: dict[int, set[str]] = {}
     for module in pairs:
         block, target = site_target(module)
-        targets_by_block.setdefault(block, set()).add(target)
+        if block is not None:
+            targets_by_block.setdefault(block, set()).add(target)
     target_sets = {frozenset(targets) for targets in targets_by_block.values()}
     if len(target_sets) > 1:
         found = {block: sorted(targets) for block, targets in sorted(targets_by_block.items())}
         raise AdapterError(
             path, f"LoRA targets differ between blocks ({found}): vitlora adapts the same targets in each chosen block."
         )
-    ranks = sorted({int(pair["A"].shape[0]) for pair in pairs.values()})
+    targets = set(next(iter(target_sets), ())) | ({"patch_embed"} if PATCH_EMBED_PATH in pairs else set())
     try:
         config = LoRAConfig(
             rank=peft_config.get("r", 8),
             alpha=peft_config.get("lora_alpha", 8),
             dropout=peft_config.get("lora_dropout", 0.0),
-            targets=tuple(t for t in VALID_TARGETS if t in next(iter(target_sets))),
+            targets=tuple(t for t in VALID_TARGETS if t in targets),
             blocks=sorted(targets_by_block),
             use_rslora=bool(peft_config.get("use_rslora", False)),
             use_dora=bool(peft_config.get("use_dora")),
+            rank_pattern=peft_config.get("rank_pattern") or {},
+            alpha_pattern=peft_config.get("alpha_pattern") or {},
         )
     except ValueError as error:
         raise AdapterError(path, f"unsupported PEFT LoRA settings: {error}") from error
-    if ranks != [config.rank]:
-        raise AdapterError(path, f"r is {config.rank} but the tensors have rank {ranks}.")
+    misranked = {
+        module: int(pair["A"].shape[0])
+        for module, pair in pairs.items()
+        if pair["A"].shape[0] != config.rank_for(module)
+    }
+    if misranked:
+        module, rank = next(iter(misranked.items()))
+        raise AdapterError(
+            path, f"r and rank_pattern give {module} rank {config.rank_for(module)}, but its tensors have rank {rank}."
+        )
     return config
+
+
+def _as_matrices(pair: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PEFT Conv2d LoRA (``r x C x kh x kw``, ``out x r x 1 x 1``, DoRA ``1 x out x 1 x 1``) as vitlora's matrices;
+    a Linear LoRA as it is."""
+    a, b = pair.get("A"), pair.get("B")
+    if a is None or b is None or a.ndim != 4 or b.ndim != 4 or b.shape[2:] != (1, 1):
+        return dict(pair)
+    matrices = {**pair, "A": a.flatten(1), "B": b.flatten(1)}
+    if "magnitude" in pair and pair["magnitude"].numel() == b.shape[0]:
+        matrices["magnitude"] = pair["magnitude"].reshape(-1)
+    return matrices
+
+
+def _heads_left_on_base(heads: dict[str, torch.Tensor], base: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The saved heads plus ``base``'s own head tensors that PEFT did not save (DeiT's ``head_dist`` when
+    modules_to_save names only ``head``, where ``bias="all"`` saves only its bias): PEFT keeps the base's
+    there, so the logits stay PEFT's."""
+    if base is None:
+        return heads
+    kept = {
+        key: tensor.detach().to("cpu", copy=True)
+        for name in classifier_names(base)
+        for key, tensor in getattr(base, name).state_dict(prefix=f"{name}.").items()
+        if key not in heads
+    }
+    return {**heads, **kept}
+
+
+def _take_biases(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The tensors without the backbone biases PEFT's ``bias`` option saves, and those biases by their timm keys
+    (``X.base_layer.bias`` is a LoRA layer's own ``X.bias``). The copies of a saved head's bias that
+    ``bias="all"`` adds (``head.modules_to_save.bias``, ``head.original_module.bias``) are dropped:
+    ``head.bias`` is the one PEFT loads."""
+    heads = tuple(f"{PREFIX}{head}." for head in CLASSIFIER_NAMES)
+    rest, biases = {}, {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PREFIX).replace(".base_layer.", ".")
+        if key.startswith(heads) and re.search(r"\.(modules_to_save|original_module)\.bias$", key):
+            continue
+        if key.startswith(PREFIX) and not key.startswith(heads) and "lora_" not in key and is_bias_name(name):
+            biases[name] = tensor
+        else:
+            rest[key] = tensor
+    return rest, biases
+
+
+def _tuned_biases(
+    path: Path, mode: str, biases: Mapping[str, torch.Tensor], base: nn.Module | None
+) -> dict[str, torch.Tensor]:
+    """PEFT's trained biases (``bias="all"``/``"lora_only"``) as vitlora's bias tuning: every backbone bias, the ones
+    PEFT did not save taken from ``base``, which is exactly what PEFT computes with; empty for ``bias="none"``."""
+    if mode == "none":
+        if biases:
+            raise AdapterError(path, f"bias is 'none' but the weights hold biases {sorted(biases)[:5]}.")
+        return {}
+    if base is None:
+        raise AdapterError(
+            path, f"PEFT option bias={mode!r} maps onto vitlora's bias tuning only on the base model: use import_peft."
+        )
+    heads = classifier_prefixes(base)
+    own = {n: p.detach() for n, p in base.named_parameters() if is_bias_name(n) and not n.startswith(heads)}
+    foreign = sorted(set(biases) - set(own))
+    if foreign:
+        raise AdapterError(
+            path, f"PEFT option bias={mode!r} trains {foreign[:5]}, which vitlora's bias tuning does not hold."
+        )
+    misshapen = sorted(name for name, tensor in biases.items() if tensor.shape != own[name].shape)
+    if misshapen:
+        raise AdapterError(path, f"biases {misshapen[:5]} do not fit the base model's.")
+    return {name: biases.get(name, own[name]).to("cpu", copy=True) for name in own}
 
 
 def _exported_header(path: Path, metadata: Mapping[str, str]) -> Adapter | None:
@@ -355,7 +490,8 @@ def _restore_vitlora_layout(
         a, b = pair["A"], pair["B"]
         fused_parts = site_target(module)[1] == "qkv" and parts
         slices = qkv_slices(b.shape[0], parts) if fused_parts else ((0, b.shape[0]),)
-        rank, used = config.rank, len(slices) * config.rank
+        rank = config.rank_for(module)
+        used = len(slices) * rank
         if a.shape[0] < used or a[used:].any():
             return None
         blocks = [b[start:stop, i * rank : (i + 1) * rank] for i, (start, stop) in enumerate(slices)]

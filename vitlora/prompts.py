@@ -103,7 +103,14 @@ def check_promptable(model: nn.Module) -> None:
 
 
 def prompt_config(model: nn.Module) -> PromptConfig | None:
-    """The config prompt tokens were added with, or None for a model without them."""
+    """The config prompt tokens were added with.
+
+    Args:
+        model: any timm model (a compiled one too).
+
+    Returns:
+        Its :class:`PromptConfig`, or None for a model without prompt tokens.
+    """
     blocks = getattr(unwrap(model), "blocks", None)
     has_blocks = isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0
     prompt = getattr(blocks[0], PROMPT_MODULE, None) if has_blocks else None
@@ -114,8 +121,18 @@ def add_prompt_tokens(model: nn.Module, config: PromptConfig) -> nn.Module:
     """Adds learnable prompt tokens in place and freezes all but the adapter (prompts, heads, LoRA, biases).
 
     The model stays a timm VisionTransformer with the same modules and base state-dict keys;
-    its tokens are ``blocks.<i>.prompt.tokens``. Raises before changing anything for a family
-    where inserted tokens would be misread (EVA's rotary embeddings, dynamic image sizes).
+    its tokens are ``blocks.<i>.prompt.tokens``.
+
+    Args:
+        model: a timm ViT without prompt tokens.
+        config: how many tokens, shallow or deep, their initial scale.
+
+    Returns:
+        ``model``, with the tokens spliced in after the prefix tokens (class, distillation, registers).
+
+    Raises:
+        ValueError: before changing anything, for a family where inserted tokens would be
+            misread (EVA's rotary embeddings, dynamic image sizes) or a model that has tokens already.
     """
     model = unwrap(model)
     check_promptable(model)
@@ -130,7 +147,17 @@ def add_prompt_tokens(model: nn.Module, config: PromptConfig) -> nn.Module:
 
 
 def remove_prompt_tokens(model: nn.Module) -> nn.Module:
-    """Drops the prompt tokens: the model's structure and outputs as before, all trainable as timm makes it."""
+    """Drops the prompt tokens: the model's structure and outputs as before, all trainable as timm makes it.
+
+    Args:
+        model: a model :func:`add_prompt_tokens` adapted.
+
+    Returns:
+        ``model`` without its tokens.
+
+    Raises:
+        ValueError: the model has no prompt tokens.
+    """
     model = unwrap(model)
     config = prompt_config(model)
     if config is None:

@@ -3,7 +3,8 @@
 This module is the only place that knows timm's attribute layout: ViT/DeiT/DINOv2/CLIP/
 SigLIP keep a fused ``attn.qkv``; EVA-02 has a fused ``qkv`` or separate
 ``q_proj``/``k_proj``/``v_proj``; MLPs have ``fc1`` (fused GLU included) or SwiGLU's
-``fc1_g``/``fc1_x``, then ``fc2``. Everything here only reads the model.
+``fc1_g``/``fc1_x``, then ``fc2``; the patch embedding is the convolution ``patch_embed.proj``
+(kernel = stride). Everything here only reads the model.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 from torch import nn
 
 PROJECTIONS = ("q", "k", "v")
-VALID_TARGETS = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
+VALID_TARGETS = ("q", "k", "v", "qkv", "proj", "fc1", "fc2", "patch_embed")
+PATCH_EMBED_PATH = "patch_embed.proj"
 CLASSIFIER_NAMES = ("head", "head_dist")
 
 _SITE_PATH = re.compile(r"blocks\.(\d+)\.(?:attn\.(qkv|proj|[qkv]_proj)|mlp\.(fc1|fc1_g|fc1_x|fc2))")
-SITE_PATHS = "blocks.N.attn.{qkv,q_proj,k_proj,v_proj,proj} and blocks.N.mlp.{fc1,fc1_g,fc1_x,fc2}"
+SITE_PATHS = "blocks.N.attn.{qkv,q_proj,k_proj,v_proj,proj}, blocks.N.mlp.{fc1,fc1_g,fc1_x,fc2} and patch_embed.proj"
 _SUPPORTED_LAYOUT = (
     "`model.blocks[i].attn` with a fused `qkv` nn.Linear or separate "
     "`q_proj`/`k_proj`/`v_proj` nn.Linear layers (timm ViT, DeiT, DINOv2, CLIP, SigLIP, EVA)"
@@ -33,14 +35,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class LoRASite:
-    """One nn.Linear to adapt, and which parts of its output get a low-rank update.
+    """One nn.Linear (or the patch-embedding nn.Conv2d) to adapt, and which parts of its output get an update.
 
     ``parts`` names the updated output slices (``("q", "v")`` on a fused qkv) and
     ``slices`` gives their ``(start, stop)`` rows; a whole-layer update has one slice.
     """
 
     path: str
-    linear: nn.Linear
+    linear: nn.Linear | nn.Conv2d
     parts: tuple[str, ...]
     slices: tuple[tuple[int, int], ...]
 
@@ -83,12 +85,39 @@ def resolve_block_indices(blocks: Iterable[int] | None, depth: int) -> list[int]
 
 
 def find_lora_sites(model: nn.Module, targets: Sequence[str], blocks: Iterable[int] | None = None) -> list[LoRASite]:
-    """Lists every nn.Linear that LoRA will wrap; raises before anything is changed."""
+    """Lists every layer that LoRA will wrap; raises before anything is changed.
+
+    ``blocks`` limits the targets inside the transformer blocks; ``patch_embed`` lies before them.
+    """
     all_blocks = transformer_blocks(model)
-    sites: list[LoRASite] = []
+    sites = [patch_embedding_site(model)] if "patch_embed" in targets else []
     for index in resolve_block_indices(blocks, len(all_blocks)):
         sites.extend(_block_sites(all_blocks[index], f"blocks.{index}", targets))
     return sites
+
+
+def patch_embedding_site(model: nn.Module) -> LoRASite:
+    """``patch_embed.proj``, the convolution that embeds each patch, or a ValueError saying why it is none.
+
+    A hybrid ViT's ``patch_embed`` runs a CNN stem (``backbone``) first, and its ``proj`` only
+    projects CNN features: LoRA there would not adapt a patch embedding, so it is refused.
+    """
+    name = type(model).__name__
+    patch_embed = getattr(model, "patch_embed", None)
+    if getattr(patch_embed, "backbone", None) is not None:
+        raise ValueError(
+            f"{name}'s patch_embed is a CNN stem ({type(patch_embed.backbone).__name__}) followed by a projection of "
+            "its features, not a patch embedding: LoRA target 'patch_embed' is for plain ViT patch embeddings."
+        )
+    conv = getattr(patch_embed, "proj", None)
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"{name} has no patch-embedding convolution: looked for `patch_embed.proj` (nn.Conv2d).")
+    if conv.kernel_size != conv.stride or conv.padding not in (0, (0, 0), "valid") or conv.groups != 1:
+        raise ValueError(
+            f"{name}'s patch_embed.proj is not a patch embedding (kernel {conv.kernel_size}, stride {conv.stride}, "
+            f"padding {conv.padding}, groups {conv.groups}): LoRA target 'patch_embed' needs kernel = stride."
+        )
+    return LoRASite(PATCH_EMBED_PATH, conv, ("patch_embed",), ((0, conv.out_channels),))
 
 
 def _block_sites(block: nn.Module, prefix: str, targets: Sequence[str]) -> list[LoRASite]:
@@ -148,12 +177,15 @@ def qkv_slices(out_features: int, parts: Sequence[str]) -> tuple[tuple[int, int]
     return tuple((PROJECTIONS.index(p) * width, (PROJECTIONS.index(p) + 1) * width) for p in parts)
 
 
-def site_target(path: str) -> tuple[int, str] | None:
+def site_target(path: str) -> tuple[int | None, str] | None:
     """Block index and LoRA target of a module path that :func:`find_lora_sites` can return, else None.
 
-    A fused ``attn.qkv`` is ``"qkv"``, separate projections are ``"q"``/``"k"``/``"v"`` and
-    SwiGLU's ``fc1_g``/``fc1_x`` are ``"fc1"``: reading other tools' adapters by module path.
+    A fused ``attn.qkv`` is ``"qkv"``, separate projections are ``"q"``/``"k"``/``"v"``,
+    SwiGLU's ``fc1_g``/``fc1_x`` are ``"fc1"`` and ``patch_embed.proj`` is ``"patch_embed"`` (block
+    None): reading other tools' adapters by module path.
     """
+    if path == PATCH_EMBED_PATH:
+        return None, "patch_embed"
     match = _SITE_PATH.fullmatch(path)
     if match is None:
         return None
@@ -170,6 +202,8 @@ def update_labels(layer: str, targets: Sequence[str]) -> tuple[str, ...]:
     ``q_proj`` carries ``q``, and any other layer is labelled by its own name (``fc1_g``).
     """
     name = layer.rsplit(".", 1)[-1]
+    if layer == PATCH_EMBED_PATH:
+        return ("patch_embed",)
     if name == "qkv" and "qkv" not in targets:
         return tuple(t for t in PROJECTIONS if t in targets)
     if name in {f"{t}_proj" for t in PROJECTIONS}:

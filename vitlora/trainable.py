@@ -37,6 +37,12 @@ def enable_bias_tuning(model: nn.Module) -> nn.Module:
 
     Combines with LoRA, prompt tokens or a linear probe in any order; ``LoRALinear`` keeps the
     base ``bias`` parameter, so merging carries the tuned biases into the plain model.
+
+    Args:
+        model: a timm model, plain or adapted.
+
+    Returns:
+        ``model``, with every bias (linears, norms, patch embedding, EVA's q/v biases) trainable.
     """
     model = unwrap(model)
     setattr(model, _BIAS_TUNING, True)
@@ -62,13 +68,29 @@ def is_adapter_key(model: nn.Module, key: str) -> bool:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything an adapter ships, by state-dict key: LoRA, prompt tokens, tuned biases, the head(s)."""
+    """Everything an adapter ships, by state-dict key: LoRA, prompt tokens, tuned biases, the head(s).
+
+    The one definition behind freezing, trainable-only checkpoints, base fingerprints and adapter files.
+
+    Args:
+        model: an adapted model (or a plain one: its heads, a linear probe).
+
+    Returns:
+        Detached tensors by state-dict key (no ``_orig_mod.`` prefix for a compiled model).
+    """
     model = unwrap(model)
     return {key: tensor.detach() for key, tensor in model.state_dict().items() if is_adapter_key(model, key)}
 
 
 def freeze_base(model: nn.Module) -> nn.Module:
-    """Trains exactly the adapter's parameters: on a plain model, the head(s) alone (a linear probe)."""
+    """Trains exactly the adapter's parameters: on a plain model, the head(s) alone (a linear probe).
+
+    Args:
+        model: a timm model, plain or adapted.
+
+    Returns:
+        ``model``, with ``requires_grad`` set on the adapter's parameters alone.
+    """
     model = unwrap(model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(is_adapter_key(model, name))
@@ -95,7 +117,14 @@ class ParameterCount:
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
-    """Trainable vs total parameters in groups lora / prompt / bias / head / other-trainable / frozen."""
+    """Trainable vs total parameters in groups lora / prompt / bias / head / other-trainable / frozen.
+
+    Args:
+        model: any model; ``print()`` the result for a table.
+
+    Returns:
+        A :class:`ParameterCount`.
+    """
     model = unwrap(model)
     heads = classifier_prefixes(model)
     tuned_biases = bias_tuning_enabled(model)
