@@ -7,6 +7,7 @@ vitlora merge grocery.safetensors --output model.safetensors [--format onnx] [--
 vitlora inspect grocery.safetensors [--plot updates.png]
 vitlora compare --config recipes/grocery_compare.yaml --output comparisons/grocery [--budget.max_epochs 1 ...]
 vitlora convert grocery.safetensors grocery-peft/ [--weights BASE]     # and back: a PEFT folder to .safetensors
+vitlora serve adapters/ [--weights BASE] [--port 8000] [--max-batch-size 32] [--admin-token TOKEN]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from vitlora.data import ImageDataModule
 from vitlora.module import ImageClassifier
 from vitlora.predictions import PredictionWriter, top_k_rows, write_predictions
 
-EXTRA_COMMANDS = ("export", "classify", "merge", "inspect", "compare", "convert")
+EXTRA_COMMANDS = ("export", "classify", "merge", "inspect", "compare", "convert", "serve")
 
 
 class VitloraCLI(LightningCLI):
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             "inspect": inspect_command,
             "compare": compare_command,
             "convert": convert_command,
+            "serve": serve_command,
         }
         commands[words[0]](words[1:])
         return
@@ -319,6 +321,46 @@ def convert_command(argv: list[str]) -> None:
     with exit_on_bad_input("convert"):
         path = convert_adapter(args.source, args.output, weights=args.weights, model_name=args.model)
     print(f"wrote {path}")
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+def serve_command(argv: list[str]) -> None:
+    from vitlora.serving.limits import MAX_IMAGE_BYTES, Limits
+
+    parser = argparse.ArgumentParser(
+        prog="vitlora serve",
+        description="Serve many adapters on one base model over HTTP (LitServe): POST /predict, GET /adapters, a page at /.",
+    )
+    parser.add_argument("sources", nargs="+", help="adapter .safetensors files or folders of them")
+    parser.add_argument("--weights", help="local base weights file (offline machines)")
+    parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"])
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch-size", type=int, default=32, help="images per forward pass, adapters mixed")
+    parser.add_argument("--batch-timeout", type=float, default=0.01, help="seconds a batch waits to fill")
+    parser.add_argument("--workers", type=int, default=1, help="inference worker processes per device")
+    parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, help="largest image file accepted")
+    parser.add_argument("--admin-token", help="enables POST/DELETE /adapters (or set VITLORA_ADMIN_TOKEN)")
+    args = parser.parse_args(argv)
+    with exit_on_bad_input("serve"):
+        from vitlora.serving.api import ServeConfig, serve
+
+        serve(
+            ServeConfig(
+                tuple(args.sources),
+                weights=args.weights,
+                host=args.host,
+                port=args.port,
+                max_batch_size=args.max_batch_size,
+                batch_timeout=args.batch_timeout,
+                workers=args.workers,
+                accelerator=args.accelerator,
+                limits=Limits(max_image_bytes=args.max_image_bytes),
+                admin_token=args.admin_token,
+            )
+        )
 
 
 if __name__ == "__main__":
