@@ -15,16 +15,13 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
-from conftest import IMG_SIZE, TINY, make_workspace, randomize_lora
+from conftest import IMG_SIZE, TINY, make_adapter, make_workspace
 from PIL import Image
 
-from vitlora import AdapterError, LoRAConfig, inject_lora, save_adapter
-from vitlora.backbone import create_backbone
+from vitlora import AdapterError, LoRAConfig
 from vitlora.cli import classify
 from vitlora.serving import AdapterRegistry, BaseSpec, Limits, RequestError
 from vitlora.serving.limits import check_top_k, decode_image
-from vitlora.targets import classifier_names
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "vit_tiny_patch16_224"
@@ -37,19 +34,6 @@ TENANTS = {
     "shoes": (LoRAConfig(rank=8, targets=("k", "fc2"), blocks=[0]), [f"s{i}" for i in range(6)]),
     "drinks": (LoRAConfig(rank=4, targets=("fc1",)), ["juice", "milk", "soda", "water", "yoghurt"]),
 }
-
-
-def make_adapter(workspace: Path, path: Path, config: LoRAConfig, classes: list[str], seed: int) -> Path:
-    """An adapter on the workspace's base weights, with non-zero LoRA updates and a random head."""
-    model = create_backbone(MODEL, len(classes), weights=workspace / "base.safetensors", **MODEL_KWARGS)
-    model = inject_lora(model, config)
-    randomize_lora(model, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for head in classifier_names(model):
-            for parameter in getattr(model, head).parameters():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return save_adapter(model, path, class_names=classes, model_name=MODEL, model_kwargs=MODEL_KWARGS)
 
 
 @pytest.fixture(scope="module")

@@ -204,13 +204,33 @@ def classify_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="vitlora classify", description="Top-k labels for images with an adapter.")
     parser.add_argument("adapter", type=Path)
     parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
-    parser.add_argument("--output", required=True, type=Path, help="predictions .csv or .json")
+    parser.add_argument("--output", required=True, type=Path, help=".csv or .jsonl (written as it goes) or .json")
     parser.add_argument("--weights", help="local base weights file (offline machines)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=2, help="processes decoding images (.csv/.jsonl)")
+    parser.add_argument("--resume", action="store_true", help="skip the paths already in the .csv/.jsonl output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.output.suffix not in (".csv", ".json"):
-        raise SystemExit(f"{args.output}: the output must end in .csv or .json.")
+    if args.output.suffix in (".csv", ".jsonl"):
+        from vitlora.inference import classify_files
+
+        with exit_on_bad_input("classify"):
+            written, failed = classify_files(
+                args.adapter,
+                args.inputs,
+                args.output,
+                weights=args.weights,
+                top_k=args.top_k,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                resume=args.resume,
+                progress=not args.no_progress,
+            )
+        print(f"wrote {written} predictions to {args.output}" + (f" ({failed} unreadable)" if failed else ""))
+        return
+    if args.output.suffix != ".json":
+        raise SystemExit(f"{args.output}: the output must end in .csv, .jsonl or .json.")
     rows = classify(
         args.adapter,
         args.inputs,

@@ -224,15 +224,18 @@ class SharedCatalog:
         """Applies every change of the wanted set to ``registry`` and reports, until ``stop`` is set."""
         applied, refused, published = 0, {}, None
         while not (stop and stop.is_set()):
-            version = self._version.value
-            if version != applied:
-                refused, applied = registry.apply(self.wanted()), version
-            report = {
-                "version": applied,
-                "adapters": registry.describe(),
-                "refused": refused,
-                "stats": vars(registry.stats).copy(),
-            }
-            if report != published:
-                self._reports[str(os.getpid())] = published = report
+            try:
+                version = self._version.value
+                if version != applied:
+                    refused, applied = registry.apply(self.wanted()), version
+                report = {
+                    "version": applied,
+                    "adapters": registry.describe(),
+                    "refused": refused,
+                    "stats": vars(registry.stats).copy(),
+                }
+                if report != published:
+                    self._reports[str(os.getpid())] = published = report
+            except (EOFError, OSError):  # the manager is gone: the server is shutting down
+                return
             time.sleep(SYNC_INTERVAL_S)
