@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import platform
 import signal
 import socket
@@ -73,7 +74,7 @@ def start_server(adapters: list[Path], args: argparse.Namespace, log: Path) -> t
         "--max-batch-size", str(args.max_batch_size), "--batch-timeout", str(args.batch_timeout),
     ]  # fmt: skip
     handle = open(log, "w")  # noqa: SIM115 - the server's log, closed with the process
-    process = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -133,6 +134,7 @@ def bench_servers(args: argparse.Namespace, folder: Path, adapters: list[Path], 
         for _ in range(args.rounds):
             for count, (_, url) in servers.items():
                 results[count].append(load_round(url, jobs[count], args.concurrency))
+                print(f"{count} adapters: {results[count][-1]}", file=sys.stderr, flush=True)
         return results
     finally:
         for process, _ in servers.values():
@@ -140,8 +142,8 @@ def bench_servers(args: argparse.Namespace, folder: Path, adapters: list[Path], 
         for process, _ in servers.values():
             try:
                 process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            except subprocess.TimeoutExpired:  # its workers too: the server leads its own process group
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def bench_in_process(args: argparse.Namespace, adapters: list[Path]) -> dict[str, float]:
@@ -153,9 +155,7 @@ def bench_in_process(args: argparse.Namespace, adapters: list[Path]) -> dict[str
     for path in adapters:
         multi.add(path.stem, path)
     base = create_backbone(MODEL, args.num_classes, weights=args.weights)
-    config = peft.LoraConfig(
-        r=args.rank, lora_alpha=2 * args.rank, target_modules=["qkv"], modules_to_save=["head"]
-    )
+    config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["qkv"], modules_to_save=["head"])
     peft_model = peft.get_peft_model(base, config, adapter_name="adapter00")
     for i in range(1, count):
         peft_model.add_adapter(f"adapter{i:02d}", config)
@@ -199,7 +199,9 @@ def main() -> None:
         served = bench_servers(args, folder, adapters, photos)
         batches = bench_in_process(args, adapters)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}"
+    )
     print(f"command: {' '.join(sys.argv)}\n")
     baseline = statistics.median(r[0] for r in served[1])
     print("| adapters | requests/s | vs 1 adapter | p50 (ms) | p99 (ms) |\n|---|---|---|---|---|")
@@ -207,7 +209,7 @@ def main() -> None:
         rate = statistics.median(r[0] for r in rounds)
         p50, p99 = (statistics.median(r[k] for r in rounds) for k in (1, 2))
         print(f"| {count} | {rate:.1f} | {rate / baseline:.3f} | {p50:.0f} | {p99:.0f} |")
-    print(f"\nrounds (requests/s): {({c: [round(r[0], 1) for r in rounds] for c, rounds in served.items()})}\n")
+    print(f"\nrounds (requests/s): { ({c: [round(r[0], 1) for r in rounds] for c, rounds in served.items()}) }\n")
     reference = batches["PEFT mixed (adapter_names)"]
     print(f"| batch of {args.max_batch_size}, {max(ADAPTER_COUNTS)} adapters | ms | vs PEFT |\n|---|---|---|")
     for name, ms in batches.items():

@@ -169,7 +169,7 @@ def server(workspace):
     log = open(workspace / "server.log", "w+")  # noqa: SIM115
     process = subprocess.Popen(command, cwd=workspace, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 300  # two interpreters import torch: ~30 s, minutes on a loaded machine
     while True:
         try:
             if requests.get(f"{url}/health", timeout=1).status_code == 200:
