@@ -5,7 +5,8 @@ and its own classes, while the frozen base weights are held once and never copie
 mixed batch the shared trunk runs once, on the batch sorted by adapter; each adapted
 nn.Linear adds every adapter's low-rank update to that adapter's rows only (one contiguous
 block of rows each, read and written as views: a loop over the adapters present, never over
-samples, and never a dense delta-W), then each adapter's head reads its own rows. Gradients reach each adapter only from its own samples.
+samples, and never a dense delta-W), then each adapter's head reads its own rows. Gradients
+reach each adapter only from its own samples.
 """
 
 from __future__ import annotations
