@@ -91,3 +91,24 @@ def make_workspace(root: Path) -> Path:
     base = create_backbone("vit_tiny_patch16_224", 1000, pretrained=False, img_size=IMG_SIZE, **TINY)
     save_file(base.state_dict(), root / "base.safetensors")
     return root
+
+
+def make_adapter(workspace: Path, path: Path, config, classes: list[str], seed: int) -> Path:
+    """An adapter on make_workspace's base weights (a LoRAConfig), with non-zero LoRA updates and a random head."""
+    from vitlora import inject_lora, save_adapter
+    from vitlora.backbone import create_backbone
+    from vitlora.targets import classifier_names
+
+    model = create_backbone(
+        "vit_tiny_patch16_224", len(classes), weights=workspace / "base.safetensors", img_size=IMG_SIZE, **TINY
+    )
+    model = inject_lora(model, config)
+    randomize_lora(model, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in classifier_names(model):
+            for parameter in getattr(model, head).parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return save_adapter(
+        model, path, class_names=classes, model_name="vit_tiny_patch16_224", model_kwargs={"img_size": IMG_SIZE, **TINY}
+    )

@@ -8,6 +8,7 @@ vitlora inspect grocery.safetensors [--plot updates.png]
 vitlora compare --config recipes/grocery_compare.yaml --output comparisons/grocery [--budget.max_epochs 1 ...]
 vitlora convert grocery.safetensors grocery-peft/ [--weights BASE]     # and back: a PEFT folder to .safetensors
 vitlora explain grocery.safetensors photo.jpg --output explained/ [--method occlusion] [--target-class NAME]
+vitlora serve adapters/ [--weights BASE] [--port 8000] [--max-batch-size 32] [--admin-token TOKEN]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-EXTRA_COMMANDS = ("export", "classify", "merge", "inspect", "compare", "convert", "explain")
+EXTRA_COMMANDS = ("export", "classify", "merge", "inspect", "compare", "convert", "explain", "serve")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
             "compare": compare_command,
             "convert": convert_command,
             "explain": explain_command,
+            "serve": serve_command,
         }
         commands[words[0]](words[1:])
         return
@@ -135,13 +137,33 @@ def classify_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="vitlora classify", description="Top-k labels for images with an adapter.")
     parser.add_argument("adapter", type=Path)
     parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
-    parser.add_argument("--output", required=True, type=Path, help="predictions .csv or .json")
+    parser.add_argument("--output", required=True, type=Path, help=".csv or .jsonl (written as it goes) or .json")
     parser.add_argument("--weights", help="local base weights file (offline machines)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=2, help="processes decoding images (.csv/.jsonl)")
+    parser.add_argument("--resume", action="store_true", help="skip the paths already in the .csv/.jsonl output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.output.suffix not in (".csv", ".json"):
-        raise SystemExit(f"{args.output}: the output must end in .csv or .json.")
+    if args.output.suffix in (".csv", ".jsonl"):
+        from vitlora.inference import classify_files
+
+        with exit_on_bad_input("classify"):
+            written, failed = classify_files(
+                args.adapter,
+                args.inputs,
+                args.output,
+                weights=args.weights,
+                top_k=args.top_k,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                resume=args.resume,
+                progress=not args.no_progress,
+            )
+        print(f"wrote {written} predictions to {args.output}" + (f" ({failed} unreadable)" if failed else ""))
+        return
+    if args.output.suffix != ".json":
+        raise SystemExit(f"{args.output}: the output must end in .csv, .jsonl or .json.")
     from vitlora.inference import classify, write_predictions
 
     rows = classify(
@@ -247,6 +269,46 @@ def explain_command(argv: list[str]) -> None:
             steps=args.steps,
         )
     print(f"wrote {len({r['sheet'] for r in records})} sheets and explanations.csv/.json to {args.output}")
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+def serve_command(argv: list[str]) -> None:
+    from vitlora.serving.limits import MAX_IMAGE_BYTES, Limits
+
+    parser = argparse.ArgumentParser(
+        prog="vitlora serve",
+        description="Serve many adapters on one base model over HTTP (LitServe): POST /predict, GET /adapters, a page at /.",
+    )
+    parser.add_argument("sources", nargs="+", help="adapter .safetensors files or folders of them")
+    parser.add_argument("--weights", help="local base weights file (offline machines)")
+    parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"])
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch-size", type=int, default=32, help="images per forward pass, adapters mixed")
+    parser.add_argument("--batch-timeout", type=float, default=0.01, help="seconds a batch waits to fill")
+    parser.add_argument("--workers", type=int, default=1, help="inference worker processes per device")
+    parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, help="largest image file accepted")
+    parser.add_argument("--admin-token", help="enables POST/DELETE /adapters (or set VITLORA_ADMIN_TOKEN)")
+    args = parser.parse_args(argv)
+    with exit_on_bad_input("serve"):
+        from vitlora.serving.api import ServeConfig, serve
+
+        serve(
+            ServeConfig(
+                tuple(args.sources),
+                weights=args.weights,
+                host=args.host,
+                port=args.port,
+                max_batch_size=args.max_batch_size,
+                batch_timeout=args.batch_timeout,
+                workers=args.workers,
+                accelerator=args.accelerator,
+                limits=Limits(max_image_bytes=args.max_image_bytes),
+                admin_token=args.admin_token,
+            )
+        )
 
 
 if __name__ == "__main__":

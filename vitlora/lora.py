@@ -202,19 +202,22 @@ def _matrix_shape(layer: nn.Linear | nn.Conv2d) -> tuple[int, int]:
     return layer.in_features, layer.out_features
 
 
-def lora_forward(layer: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+def lora_forward(layer: nn.Module, x: torch.Tensor, base: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """``base + scaling * (dropout(x) A^T) B_expanded^T`` in one fused addmm: the low-rank path, never a dense dW.
 
-    ``layer`` holds the tensors :func:`add_lora_parameters` made; ``base`` is the frozen layer's output for ``x``.
+    ``layer`` holds the tensors :func:`add_lora_parameters` made; ``base`` is the frozen layer's output for
+    ``x``. ``inplace`` adds into ``base`` itself (a contiguous view of a larger output, as MultiAdapter's
+    rows of a mixed batch are), which autograd allows because a linear layer keeps no output for backward.
     """
     low_rank = F.linear(layer.lora_dropout(x), layer.lora_A)
-    updated = torch.addmm(
-        base.reshape(-1, base.shape[-1]),
+    low_rank, expanded_B = (
         low_rank.reshape(-1, low_rank.shape[-1]),
-        expand_lora_B(layer.lora_B, layer.slices, layer.out_features).t(),
-        alpha=layer.scaling,
+        expand_lora_B(layer.lora_B, layer.slices, layer.out_features),
     )
-    return updated.view(base.shape)
+    if inplace:
+        base.view(-1, base.shape[-1]).addmm_(low_rank, expanded_B.t(), alpha=layer.scaling)
+        return base
+    return torch.addmm(base.reshape(-1, base.shape[-1]), low_rank, expanded_B.t(), alpha=layer.scaling).view(base.shape)
 
 
 class LoRALinear(nn.Linear):

@@ -2,19 +2,22 @@
 
 Multi-tenant serving and training: every adapter file brings its LoRA updates, its own head
 and its own classes, while the frozen base weights are held once and never copied. In a
-mixed batch the shared trunk runs once; each adapted nn.Linear adds every adapter's
-low-rank update to that adapter's rows only (gathered, updated, scattered back: a loop
-over the adapters present, never over samples, and never a dense delta-W), then each
-adapter's head reads its own rows. Gradients reach each adapter only from its own samples.
+mixed batch the shared trunk runs once, on the batch sorted by adapter; each adapted
+nn.Linear adds every adapter's low-rank update to that adapter's rows only (one contiguous
+block of rows each, read and written as views: a loop over the adapters present, never over
+samples, and never a dense delta-W), then each adapter's head reads its own rows. Gradients
+reach each adapter only from its own samples.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from itertools import accumulate, pairwise
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +42,11 @@ _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 class Routing:
     """The rows of the current batch that each adapter owns, read by every routed layer.
 
-    ``rows`` is None when one adapter takes the whole batch (no gather/scatter needed).
+    The batch is sorted by adapter, so ``rows`` is one contiguous ``slice`` of it (a view,
+    never a copy); None when one adapter takes the whole batch.
     """
 
-    groups: tuple[tuple[str, torch.Tensor | None], ...] = ()
+    groups: tuple[tuple[str, slice | None], ...] = ()
     batch_size: int = 0
 
 
@@ -78,6 +82,10 @@ class LoRAUpdate(nn.Module):
         """``base`` (the frozen layer's output for ``x``) plus this adapter's update."""
         return lora_forward(self, x, base)
 
+    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Adds the update to ``out`` (the frozen layer's output for ``x``, contiguous) in place: no copy of it."""
+        lora_forward(self, x, out, inplace=True)
+
 
 class RoutedLoRALinear(nn.Linear):
     """A frozen nn.Linear shared by several adapters, each updating only the batch rows routed to it.
@@ -106,9 +114,9 @@ class RoutedLoRALinear(nn.Linear):
             raise RuntimeError(
                 f"Per-sample routing expects the batch ({self.routing.batch_size}) on dim 0, got input {tuple(x.shape)}."
             )
-        updated = [update(x.index_select(0, rows), out.index_select(0, rows)) for update, rows in groups]
-        rows = torch.cat([rows for _, rows in groups])
-        return out.index_copy(0, rows, torch.cat(updated))
+        for update, rows in groups:  # in place on views: F.linear and addmm keep no output for backward
+            update.add_to(x[rows], out[rows])
+        return out
 
 
 class MultiAdapter(nn.Module):
@@ -229,20 +237,20 @@ class MultiAdapter(nn.Module):
         if len(adapters) != len(images):
             raise ValueError(f"Got {len(adapters)} adapter names for a batch of {len(images)} images.")
         self._check_known(adapters)
-        groups = _group_rows(adapters, images.device)
+        order, groups = _group_rows(adapters, images.device)
+        if order is not None:
+            images = images.index_select(0, order)
         with self._routed(tuple(g for g in groups if g[0] is not None), len(images)):
             features = self.model.forward_features(images)
         logits = {}
         for name, rows in groups:  # forward_head per adapter: DeiT's two heads read two tokens
             with self._heads_of(name):
-                logits[name] = self.model.forward_head(features if rows is None else features.index_select(0, rows))
+                logits[name] = self.model.forward_head(features if rows is None else features[rows])
         width = max(scores.shape[-1] for scores in logits.values())
         padded = [F.pad(logits[name], (0, width - logits[name].shape[-1]), value=float("-inf")) for name, _ in groups]
-        if groups[0][1] is None:
-            merged = padded[0]
-        else:
-            order = torch.argsort(torch.cat([rows for _, rows in groups]))
-            merged = torch.cat(padded).index_select(0, order)
+        merged = torch.cat(padded)
+        if order is not None:
+            merged = merged.index_select(0, torch.argsort(order))
         return MixedLogits(merged, adapters, [logits[name].shape[-1] for name in adapters])
 
     @torch.no_grad()
@@ -323,11 +331,17 @@ class MultiAdapter(nn.Module):
                 setattr(self.model, n, head)
 
 
-def _group_rows(adapters: list[str | None], device: torch.device) -> list[tuple[str | None, torch.Tensor | None]]:
-    """Each adapter present with the batch rows it owns (None: all of them), in order of first appearance."""
+def _group_rows(
+    adapters: list[str | None], device: torch.device
+) -> tuple[torch.Tensor | None, list[tuple[str | None, slice | None]]]:
+    """The order that sorts the batch by adapter (None: already sorted), and each adapter present with
+    its contiguous rows of the sorted batch (None: all of them), in order of first appearance."""
     present = list(dict.fromkeys(adapters))
     if len(present) == 1:
-        return [(present[0], None)]
-    index = {name: i for i, name in enumerate(present)}
-    ids = torch.tensor([index[name] for name in adapters], device=device)
-    return [(name, (ids == i).nonzero().flatten()) for i, name in enumerate(present)]
+        return None, [(present[0], None)]
+    rank = {name: i for i, name in enumerate(present)}
+    order = sorted(range(len(adapters)), key=lambda row: rank[adapters[row]])  # stable: rows keep their order
+    counts = Counter(adapters)
+    starts = [0, *accumulate(counts[name] for name in present)]
+    groups = [(name, slice(start, stop)) for name, (start, stop) in zip(present, pairwise(starts), strict=True)]
+    return (None if order == list(range(len(order))) else torch.tensor(order, device=device)), groups
