@@ -52,6 +52,22 @@ def write_predictions(rows: list[dict], output: Path) -> None:
                 writer.writerow([row["path"], *pairs, *[""] * (2 * k - len(pairs)), row["error"]])
 
 
+def prediction_table(rows: list[dict]) -> str:
+    """Rows as aligned text for a terminal: the path, then each label with its probability."""
+    k = max((len(row["labels"]) for row in rows), default=0)
+    table = [["path", *(f"top-{i}" for i in range(1, k + 1))]]
+    table += [
+        [row["path"], *(f"{label} {p:.3f}" for label, p in zip(row["labels"], row["probabilities"], strict=True))]
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in table if i < len(line)) for i in range(k + 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)) for line in table]
+    for number, row in enumerate(rows, 1):
+        if row["error"]:
+            lines[number] = f"{row['path'].ljust(widths[0])}  unreadable: {row['error'].removeprefix(row['path'] + ': ')}"
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def classify(
     adapter_path: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
@@ -74,7 +90,9 @@ def classify(
 
     Raises:
         AdapterError: the adapter file or its base cannot be used.
+        FileNotFoundError: an input that does not exist (checked before the model is built).
     """
+    paths = expand_image_paths([Path(item) for item in inputs])
     model, adapter = build_model_with_adapter(adapter_path, weights)
     transform = eval_transform(adapter.model_name, adapter.model_kwargs.get("img_size"))
     names = adapter.labels
@@ -89,7 +107,7 @@ def classify(
             rows[i] = row
         pending.clear()
 
-    for path in expand_image_paths([Path(item) for item in inputs]):
+    for path in paths:
         rows.append({"path": str(path), "labels": [], "probabilities": [], "error": ""})
         try:
             pending.append((len(rows) - 1, transform(load_rgb(path))))

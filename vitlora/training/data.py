@@ -24,6 +24,7 @@ from vitlora.datasets import (
     EpochShuffler,
     ImageDataset,
     Sample,
+    UnpaddedShard,
     allow_zero_bit_posterize,
     backbone_data_config,
     check_images,
@@ -157,10 +158,11 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self._datasets[split]
         hp = self.hparams
-        sampler = None
-        if train:  # this process's share under DDP (Lightning shards evaluation loaders itself)
-            world = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        world = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        if train:  # this process's share under DDP
             sampler = EpochShuffler(len(dataset), hp.seed, *world)
+        else:
+            sampler = UnpaddedShard(len(dataset), *world)
         return DataLoader(
             dataset,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
@@ -206,3 +208,4 @@ class ImageDataModule(L.LightningDataModule):
 def batches_seen(trainer) -> int:
     """Training batches so far, restored on resume and advancing on every accumulated micro-batch."""
     return trainer.fit_loop.epoch_loop.batch_progress.total.ready
+

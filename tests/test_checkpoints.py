@@ -1,0 +1,85 @@
+"""kill -9 loses at most a few steps: atomic checkpoint files, step checkpoints, exact resume inside an epoch."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_workspace
+from lightning.fabric.plugins.io import torch_io
+
+from vitlora import read_adapter
+from vitlora.cli import main
+from vitlora.training.checkpoints import AtomicCheckpointIO
+from vitlora.training.export import export_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "smoke.yaml"
+EVERY_RANDOMNESS = [  # augmentation, mixup, LoRA dropout and drop-path: all must replay exactly
+    "--data.auto_augment", "rand-m9-mstd0.5-inc1", "--data.mixup", "0.8",
+    "--model.lora.dropout", "0.2", "--model.drop_path_rate", "0.1",
+]  # fmt: skip
+
+
+def fit(workspace: Path, name: str, *args: str) -> list[str]:
+    """Two epochs of 6 steps (24 images, batch 4), last.ckpt refreshed every 2 steps."""
+    return [
+        "fit", "--config", str(RECIPE), "--data.root", str(workspace / "data"),
+        "--model.weights", str(workspace / "base.safetensors"), "--trainer.max_epochs", "2",
+        "--trainer.limit_train_batches", "null", "--checkpoint_every_n_steps", "2", *EVERY_RANDOMNESS,
+        "--trainer.logger.init_args.save_dir", str(workspace / "runs"),
+        "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", "0", *args,
+    ]  # fmt: skip
+
+
+def last_checkpoint(workspace: Path, name: str) -> Path:
+    return workspace / "runs" / name / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_step_checkpoint_to_the_uninterrupted_adapter(tmp_path):
+    workspace = make_workspace(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    killed = subprocess.run(
+        [sys.executable, "-m", "vitlora.cli", *fit(workspace, "killed"),
+         "--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step", "9"],
+        cwd=workspace, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoint = torch.load(last_checkpoint(workspace, "killed"), weights_only=True)
+    assert (checkpoint["global_step"], checkpoint["epoch"]) == (8, 1)  # 2 of epoch 1's 6 batches done
+
+    main(fit(workspace, "killed", "--ckpt_path", str(last_checkpoint(workspace, "killed"))))
+    main(fit(workspace, "whole"))
+    assert torch.load(last_checkpoint(workspace, "killed"), weights_only=True)["global_step"] == 12
+    adapters = {
+        name: read_adapter(export_adapter(last_checkpoint(workspace, name), tmp_path / f"{name}.safetensors"))
+        for name in ("killed", "whole")
+    }
+    assert any("lora_B" in key for key in adapters["whole"].tensors)
+    torch.testing.assert_close(adapters["killed"].tensors, adapters["whole"].tensors, atol=1e-6, rtol=0)
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def dies_midway(checkpoint, target):
+        Path(target).write_bytes(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # what a kill looks like from inside: the write never finishes
+
+    monkeypatch.setattr(torch_io, "_atomic_save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_checkpoint_every_n_steps_must_be_positive(tmp_path, capsys):
+    workspace = make_workspace(tmp_path)
+    with pytest.raises(SystemExit, match=r"^vitlora fit: checkpoint_every_n_steps must be a positive"):
+        main(fit(workspace, "zero", "--checkpoint_every_n_steps", "0"))
+    assert "Traceback" not in capsys.readouterr().err
