@@ -64,7 +64,9 @@ def prediction_table(rows: list[dict]) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)) for line in table]
     for number, row in enumerate(rows, 1):
         if row["error"]:
-            lines[number] = f"{row['path'].ljust(widths[0])}  unreadable: {row['error'].removeprefix(row['path'] + ': ')}"
+            lines[number] = (
+                f"{row['path'].ljust(widths[0])}  unreadable: {row['error'].removeprefix(row['path'] + ': ')}"
+            )
     return "\n".join(line.rstrip() for line in lines)
 
 

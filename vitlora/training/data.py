@@ -159,10 +159,8 @@ class ImageDataModule(L.LightningDataModule):
         dataset = self._datasets[split]
         hp = self.hparams
         world = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        if train:  # this process's share under DDP
-            sampler = EpochShuffler(len(dataset), hp.seed, *world)
-        else:
-            sampler = UnpaddedShard(len(dataset), *world)
+        # this process's share under DDP: shuffled for training, every image once for evaluation
+        sampler = EpochShuffler(len(dataset), hp.seed, *world) if train else UnpaddedShard(len(dataset), *world)
         return DataLoader(
             dataset,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
@@ -208,4 +206,3 @@ class ImageDataModule(L.LightningDataModule):
 def batches_seen(trainer) -> int:
     """Training batches so far, restored on resume and advancing on every accumulated micro-batch."""
     return trainer.fit_loop.epoch_loop.batch_progress.total.ready
-

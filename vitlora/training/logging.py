@@ -53,6 +53,8 @@ class RunLogger(TensorBoardLogger):
         folder = Path(self.log_dir)
         if status == "failed" and not self._rows and folder.is_dir() and holds_no_results(folder):
             shutil.rmtree(folder)
+            if not any(folder.parent.iterdir()):  # runs/<name>/ made for this run alone
+                folder.parent.rmdir()
 
 
 def holds_no_results(folder: Path) -> bool:
