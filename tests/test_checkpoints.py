@@ -39,27 +39,41 @@ def last_checkpoint(workspace: Path, name: str) -> Path:
     return workspace / "runs" / name / "version_0" / "checkpoints" / "last.ckpt"
 
 
-def test_a_run_killed_mid_epoch_resumes_from_its_step_checkpoint_to_the_uninterrupted_adapter(tmp_path):
-    workspace = make_workspace(tmp_path)
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """The workspace and the uninterrupted run every killed run must end up equal to."""
+    root = make_workspace(tmp_path_factory.mktemp("kill"))
+    main(fit(root, "whole"))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("kill_at", "resume_from"),
+    [(9, (8, 1)), (7, (6, 0))],
+    ids=["inside-epoch-1", "after-epoch-0-checkpoint"],
+)
+def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_uninterrupted_adapter(workspace, kill_at, resume_from):
+    """Killed at step 9: resumes from the step-8 checkpoint, 2 of epoch 1's 6 batches done. Killed
+    at step 7: from epoch 0's end-of-epoch checkpoint (step 6, written after validation)."""
+    name = f"killed_at_{kill_at}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     killed = subprocess.run(
-        [sys.executable, "-m", "vitlora.cli", *fit(workspace, "killed"),
-         "--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step", "9"],
+        [sys.executable, "-m", "vitlora.cli", *fit(workspace, name),
+         "--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step", str(kill_at)],
         cwd=workspace, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    checkpoint = torch.load(last_checkpoint(workspace, "killed"), weights_only=True)
-    assert (checkpoint["global_step"], checkpoint["epoch"]) == (8, 1)  # 2 of epoch 1's 6 batches done
+    checkpoint = torch.load(last_checkpoint(workspace, name), weights_only=True)
+    assert (checkpoint["global_step"], checkpoint["epoch"]) == resume_from
 
-    main(fit(workspace, "killed", "--ckpt_path", str(last_checkpoint(workspace, "killed"))))
-    main(fit(workspace, "whole"))
-    assert torch.load(last_checkpoint(workspace, "killed"), weights_only=True)["global_step"] == 12
+    main(fit(workspace, name, "--ckpt_path", str(last_checkpoint(workspace, name))))
+    assert torch.load(last_checkpoint(workspace, name), weights_only=True)["global_step"] == 12
     adapters = {
-        name: read_adapter(export_adapter(last_checkpoint(workspace, name), tmp_path / f"{name}.safetensors"))
-        for name in ("killed", "whole")
+        run: read_adapter(export_adapter(last_checkpoint(workspace, run), workspace / f"{run}.safetensors"))
+        for run in (name, "whole")
     }
     assert any("lora_B" in key for key in adapters["whole"].tensors)
-    torch.testing.assert_close(adapters["killed"].tensors, adapters["whole"].tensors, atol=1e-6, rtol=0)
+    torch.testing.assert_close(adapters[name].tensors, adapters["whole"].tensors, atol=1e-6, rtol=0)
 
 
 def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
@@ -77,9 +91,3 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path, 
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
-
-def test_checkpoint_every_n_steps_must_be_positive(tmp_path, capsys):
-    workspace = make_workspace(tmp_path)
-    with pytest.raises(SystemExit, match=r"^vitlora fit: checkpoint_every_n_steps must be a positive"):
-        main(fit(workspace, "zero", "--checkpoint_every_n_steps", "0"))
-    assert "Traceback" not in capsys.readouterr().err
