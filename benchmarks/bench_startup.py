@@ -26,7 +26,14 @@ def tiny_adapter(folder: Path) -> Path:
     from vitlora import LoRAConfig, inject_lora, save_adapter
 
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8, depth=2, embed_dim=64
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=3,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
     )
     inject_lora(model, LoRAConfig(rank=4))
     return save_adapter(
