@@ -508,6 +508,14 @@ def test_the_command_line_shows_one_line_for_a_mistake_and_the_traceback_with_de
     assert not (workspace / "runs" / "cli_targets").exists()
 
 
+@pytest.mark.parametrize(("setting", "shows_traceback"), [("1", True), ("0", False)])
+def test_vitlora_debug_in_the_environment_re_raises_the_error(workspace, monkeypatch, setting, shows_traceback):
+    monkeypatch.setenv("VITLORA_DEBUG", setting)
+    expected = FileNotFoundError if shows_traceback else SystemExit
+    with pytest.raises(expected, match=r"nope\.jpg: no such file or folder"):
+        main(["classify", str(workspace / "fruit.safetensors"), str(workspace / "nope.jpg")])
+
+
 INVALID_TARGETS = (
     "Invalid LoRA targets ['q', 'vv']: choose one or more distinct of ['q', 'k', 'v', 'qkv', 'proj', 'fc1', 'fc2']."
 )

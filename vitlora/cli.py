@@ -46,7 +46,7 @@ DEBUG_FLAG = "--debug"
 def main(argv: list[str] | None = None) -> None:
     """``argv`` for calls from Python (tests); the console script reads the command line."""
     words = list(sys.argv[1:] if argv is None else argv)
-    debug = DEBUG_FLAG in words
+    debug = DEBUG_FLAG in words or None  # None: VITLORA_DEBUG decides
     words = [word for word in words if word != DEBUG_FLAG]
     if not words or words[0] in ("-h", "--help"):
         print(usage())
