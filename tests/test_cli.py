@@ -2,20 +2,24 @@
 
 import csv
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import yaml
-from conftest import TINY, make_workspace
+from conftest import TINY, make_image_folder, make_workspace
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vitlora import LoRAConfig, load_adapter, read_adapter
 from vitlora.backbone import create_backbone
-from vitlora.cli import main
+from vitlora.cli import COMMANDS, main
 from vitlora.datasets import eval_transform
 from vitlora.images import load_rgb
 from vitlora.training.module import ImageClassifier
@@ -95,7 +99,7 @@ def test_dora_and_lora_plus_options_fit_and_export(workspace):
     assert config["model"]["lora"]["use_dora"] is True and config["model"]["lora_plus_ratio"] == 4.0
     ckpt = folder / "checkpoints" / "last.ckpt"
     adapter_path = workspace / "dora.safetensors"
-    main(["export", "--ckpt_path", str(ckpt), "--output", str(adapter_path)])
+    main(["export", "--ckpt-path", str(ckpt), "--output", str(adapter_path)])  # either spelling
     assert read_adapter(adapter_path).config.use_dora is True
     module = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True).eval()
     plain = create_backbone("vit_tiny_patch16_224", 1000, weights=workspace / "base.safetensors", img_size=32, **TINY)
@@ -141,14 +145,17 @@ def test_a_full_run_has_no_adapter_to_export(workspace):
         main(["export", "--ckpt_path", str(ckpt), "--output", str(workspace / "full.safetensors")])
 
 
-def test_classify_writes_top_k_and_reports_unreadable_images(workspace, fruit_adapter):
+def test_classify_writes_top_k_and_reports_unreadable_images(workspace, fruit_adapter, capsys):
     adapter_path = fruit_adapter
     broken = workspace / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    for suffix in ("csv", "json"):
+    for suffix, top_k in (("csv", "--top-k"), ("json", "--top_k")):  # both spellings
         out = workspace / f"preds.{suffix}"
         main(["classify", str(adapter_path), str(workspace / "data" / "test"), str(broken),
-              "--output", str(out), "--weights", str(workspace / "base.safetensors"), "--top-k", "2"])  # fmt: skip
+              "--output", str(out), "--weights", str(workspace / "base.safetensors"), top_k, "2"])  # fmt: skip
+        captured = capsys.readouterr()
+        assert captured.err.splitlines() == [f"vitlora classify: skipped {broken}: not a recognised image format"]
+        assert captured.out.strip() == f"wrote {out}: 9 of 10 images classified, 1 unreadable"
         rows = json.loads(out.read_text()) if suffix == "json" else list(csv.DictReader(out.read_text().splitlines()))
         assert len(rows) == 10
         good = [r for r in rows if not r["error"]]
@@ -193,10 +200,24 @@ def test_merge_and_inspect_exit_with_the_file_and_the_problem(workspace, fruit_a
     assert sorted(workspace.iterdir()) == before
 
 
-def test_merge_rejects_an_unknown_format(workspace, fruit_adapter, capsys):
-    with pytest.raises(SystemExit) as exit_:
+def test_merge_rejects_an_unknown_format(workspace, fruit_adapter):
+    with pytest.raises(SystemExit, match=r"^vitlora merge: .*m\.tflite: unknown format 'tflite'; choose one of"):
         main(["merge", str(fruit_adapter), "--output", str(workspace / "m.tflite"), "--format", "tflite"])
-    assert exit_.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+def test_merge_takes_the_format_from_the_output_suffix(workspace, fruit_adapter, monkeypatch):
+    import vitlora.merge
+
+    calls = []
+
+    def merge_adapter(adapter, output, **options):
+        calls.append(options["format"])
+        return fruit_adapter  # stands in for the written file
+
+    monkeypatch.setattr(vitlora.merge, "merge_adapter", merge_adapter)
+    for suffix in ("onnx", "safetensors"):
+        main(["merge", str(fruit_adapter), "--output", str(workspace / f"m.{suffix}")])
+    assert calls == ["onnx", "safetensors"]
 
 
 def test_inspect_prints_the_summary_and_writes_the_heatmap(workspace, fruit_adapter, capsys):
@@ -334,3 +355,168 @@ def test_convert_a_peft_adapter_of_the_real_vit_ti(tmp_path):
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(vitlora_model(x), peft_model(x), atol=1e-4, rtol=1e-4)
+
+
+# --- the command line: help, one-line errors, no traceback ---------------------------------------------
+
+ROOT = RECIPE.parents[1]
+
+
+def cli_in_subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("VITLORA_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "vitlora.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_help_lists_every_command_in_one_line_and_loads_no_torch(capsys):
+    main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for name in COMMANDS:
+        assert len([line for line in lines if line.split()[:1] == [name]]) == 1, name
+    assert {"fit", "validate", "test", "predict", "export", "classify", "merge", "inspect"} <= COMMANDS.keys()
+    code = (
+        "import sys; from vitlora.cli import main\n"
+        "for argv in (['--help'], ['inspect', '--help'], ['classify', '--help']):\n"
+        "    try: main(argv)\n"
+        "    except SystemExit: pass\n"
+        "print(sorted(m for m in ('torch', 'timm', 'lightning') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_an_unknown_command_is_named_with_the_closest_one():
+    with pytest.raises(SystemExit, match=r"^vitlora: unknown command 'fitt' \(did you mean 'fit'\?\)"):
+        main(["fitt", "--config", "x.yaml"])
+
+
+def exits_with_one_line(argv: list[str], message: str, capsys) -> None:
+    """In-process the line is the SystemExit's message (the interpreter prints it as the one line of ours)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    text = exit_.value.code
+    assert isinstance(text, str) and "\n" not in text, text
+    assert re.match(f"vitlora {argv[0]}: .*{message}", text), text
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert not [line for line in err.splitlines() if line.startswith("vitlora")], err  # Lightning's logs aside
+
+
+def fit_options(workspace: Path, name: str, *options: str) -> list[str]:
+    return [
+        "--config", str(RECIPE), "--data.root", str(workspace / "data"),
+        "--model.weights", str(workspace / "base.safetensors"),
+        "--trainer.logger.init_args.save_dir", str(workspace / "runs"),
+        "--trainer.logger.init_args.name", name, *options,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory):
+    """Datasets with one problem each: no test split, an empty class folder, a broken image."""
+    root = tmp_path_factory.mktemp("bad")
+    make_image_folder(root / "no_test", per_split={"train": 2, "val": 1})
+    make_image_folder(root / "empty_class", per_split={"train": 2, "val": 1})
+    for image in (root / "empty_class" / "train" / "banana").iterdir():
+        image.unlink()
+    make_image_folder(root / "broken", per_split={"train": 2, "val": 1})
+    (root / "broken" / "train" / "apple" / "apple_9.png").write_bytes(b"\x89PNG truncated")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("stage", "options", "message"),
+    [
+        ("fit", ["--model.lora.targets", "[q,vv]"], r"Invalid LoRA targets \['q', 'vv'\]"),
+        ("fit", ["--model.weights", "{w}/nope.safetensors"], r"nope\.safetensors: no such weights file"),
+        ("fit", ["--data.root", "{b}/empty_class"], r"banana: empty class folder \(no images\)"),
+        (
+            "fit",
+            ["--data.root", "{b}/broken", "--data.fail_on_bad_images", "true"],
+            r"apple_9\.png: (not a recognised image format|corrupt or truncated)",
+        ),
+        ("fit", ["--checkpoint_every_n_steps", "0"], r"checkpoint_every_n_steps must be a positive"),
+        ("test", ["--data.root", "{b}/no_test"], r"no_test: no test split in this dataset"),
+        ("validate", ["--ckpt_path", "{w}/nope.ckpt"], r"nope\.ckpt"),
+        ("predict", ["--data.predict_paths", "[{w}/nope.jpg]"], r"nope\.jpg: no such file or folder"),
+    ],
+    ids=["targets", "weights", "empty-class", "bad-image", "every-n-steps", "no-test-split", "no-ckpt", "no-image"],
+)
+def test_lightning_commands_exit_with_one_line_and_leave_no_run_folder(
+    workspace, bad_data, stage, options, message, capsys
+):
+    options = [option.format(w=workspace, b=bad_data) for option in options]
+    exits_with_one_line([stage, *fit_options(workspace, f"failed_{stage}", *options)], message, capsys)
+    assert not (workspace / "runs" / f"failed_{stage}").exists()
+
+
+def test_unavailable_pretrained_weights_are_one_line(workspace, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, no retries
+    argv = ["fit", *fit_options(workspace, "offline"), "--model.weights", "null", "--model.pretrained", "true"]
+    exits_with_one_line(argv, r"Could not fetch pretrained weights .* --model\.weights path/to/", capsys)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["export", "--ckpt_path", "{w}/nope.ckpt", "--output", "{w}/a.safetensors"],
+            r"nope\.ckpt: no such checkpoint",
+        ),
+        (["classify", "{w}/fruit.safetensors", "{w}/nope.jpg", "--output", "{w}/p.csv"], r"nope\.jpg: no such file"),
+        (
+            ["classify", "{w}/fruit.safetensors", "{w}/data/test", "--output", "{w}/p.txt"],
+            r"must end in \.csv or \.json",
+        ),
+        (["classify", "{w}/last.ckpt", "{w}/data/test"], r"last\.ckpt: a training checkpoint.*run `vitlora export"),
+        (["convert", "{w}/nope.safetensors", "{w}/peft"], r"nope\.safetensors"),
+        (["inspect", "{w}/nope.safetensors"], r"nope\.safetensors"),
+    ],
+    ids=["export", "classify-missing", "classify-suffix", "classify-ckpt", "convert", "inspect"],
+)
+def test_commands_exit_with_one_line_and_write_nothing(workspace, fruit_adapter, args, message, capsys):
+    before = sorted(workspace.iterdir())
+    exits_with_one_line([arg.format(w=workspace) for arg in args], message, capsys)
+    assert sorted(workspace.iterdir()) == before
+
+
+def test_classify_without_output_prints_a_table(workspace, fruit_adapter, capsys):
+    images = sorted((workspace / "data" / "test" / "apple").iterdir())
+    main(["classify", str(fruit_adapter), *map(str, images), "--weights", str(workspace / "base.safetensors"),
+          "--top_k", "2"])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["path", "top-1", "top-2"] and lines[-1] == "3 of 3 images classified"
+    for image, line in zip(images, lines[1:-1], strict=True):
+        path, first, p1, second, p2 = line.split()
+        assert path == str(image) and {first, second} <= {"apple", "banana", "cherry"} and float(p1) >= float(p2)
+
+
+def test_the_command_line_shows_one_line_for_a_mistake_and_the_traceback_with_debug(workspace, fruit_adapter):
+    missing = cli_in_subprocess("classify", str(fruit_adapter), "nope.jpg", "--output", "p.csv", cwd=workspace)
+    assert (missing.returncode, missing.stderr) == (1, "vitlora classify: nope.jpg: no such file or folder.\n")
+    assert not (workspace / "p.csv").exists()
+    argv = ["fit", *fit_options(workspace, "cli_targets"), "--model.lora.targets", "[q,vv]"]
+    for debug in (False, True):
+        done = cli_in_subprocess(*argv, *(["--debug"] if debug else []), cwd=workspace)
+        vitlora_lines = [line for line in done.stderr.splitlines() if line.startswith("vitlora")]
+        assert done.returncode == 1 and ("Traceback" in done.stderr) == debug
+        assert vitlora_lines == ([] if debug else [f"vitlora fit: {INVALID_TARGETS}"])
+    assert not (workspace / "runs" / "cli_targets").exists()
+
+
+@pytest.mark.parametrize(("setting", "shows_traceback"), [("1", True), ("0", False)])
+def test_vitlora_debug_in_the_environment_re_raises_the_error(workspace, monkeypatch, setting, shows_traceback):
+    monkeypatch.setenv("VITLORA_DEBUG", setting)
+    expected = FileNotFoundError if shows_traceback else SystemExit
+    with pytest.raises(expected, match=r"nope\.jpg: no such file or folder"):
+        main(["classify", str(workspace / "fruit.safetensors"), str(workspace / "nope.jpg")])
+
+
+INVALID_TARGETS = (
+    "Invalid LoRA targets ['q', 'vv']: choose one or more distinct of "
+    "['q', 'k', 'v', 'qkv', 'proj', 'fc1', 'fc2', 'patch_embed']."
+)

@@ -121,3 +121,29 @@ def test_ddp_predict_writes_one_file_in_loader_order(workspace):
     for ddp_row, single_row in zip(rows["predict_ddp"], rows["predict_single"], strict=True):
         assert ddp_row["label_1"] == single_row["label_1"]
         assert float(ddp_row["prob_1"]) == pytest.approx(float(single_row["prob_1"]), abs=1e-5)
+
+
+def logged_metrics(workspace: Path, name: str) -> dict[str, float]:
+    rows = csv.DictReader((workspace / "runs" / name / "version_0" / "metrics.csv").open())
+    return {key: float(value) for row in rows for key, value in row.items() if value and key != "step"}
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_ddp_evaluation_counts_every_image_once_like_one_process(workspace, stage):
+    """9 images on 2 ranks in batches of 2: shares of 5 and 4 images, 3 and 2 batches, no padded repeats."""
+    checkpoint = str(workspace / "runs" / "single" / "version_0" / "checkpoints" / "last.ckpt")
+    args = ("--ckpt_path", checkpoint, "--data.batch_size", "2", "--trainer.limit_val_batches", "null")
+    in_subprocess(workspace, command(workspace, stage, f"{stage}_ddp", *args, *DDP))
+    main(command(workspace, stage, f"{stage}_single", *args))
+    ddp, single = logged_metrics(workspace, f"{stage}_ddp"), logged_metrics(workspace, f"{stage}_single")
+    split = "val" if stage == "validate" else "test"
+    assert {f"{split}/top1", f"{split}/macro_f1"} <= single.keys() == ddp.keys()
+    for key, value in single.items():
+        assert ddp[key] == pytest.approx(value, abs=1e-6, rel=0), key
+    if stage == "test":
+        reports = {
+            name: list(csv.DictReader((workspace / "runs" / name / "version_0" / "per_class_accuracy.csv").open()))
+            for name in ("test_ddp", "test_single")
+        }
+        assert sum(int(row["support"]) for row in reports["test_single"]) == 9
+        assert reports["test_ddp"] == reports["test_single"]

@@ -1,61 +1,172 @@
-"""The ``vitlora`` command: LightningCLI for fit/validate/test/predict, plus export and classify.
+"""The ``vitlora`` command: LightningCLI for fit/validate/test/predict, plus vitlora's own commands.
 
 vitlora fit --config recipes/grocery_lora.yaml [--model.lora.rank 16 ...]
 vitlora export --ckpt_path runs/.../last.ckpt --output grocery.safetensors
-vitlora classify grocery.safetensors photos/ --output preds.csv [--weights BASE] [--top-k 5]
-vitlora merge grocery.safetensors --output model.safetensors [--format onnx] [--weights BASE]
+vitlora classify grocery.safetensors photos/ [--output preds.csv] [--weights BASE] [--top_k 5]
+vitlora merge grocery.safetensors --output model.onnx [--weights BASE]
 vitlora inspect grocery.safetensors [--plot updates.png]
 vitlora compare --config recipes/grocery_compare.yaml --output comparisons/grocery [--budget.max_epochs 1 ...]
 vitlora convert grocery.safetensors grocery-peft/ [--weights BASE]     # and back: a PEFT folder to .safetensors
-vitlora explain grocery.safetensors photo.jpg --output explained/ [--method occlusion] [--target-class NAME]
-vitlora serve adapters/ [--weights BASE] [--port 8000] [--max-batch-size 32] [--admin-token TOKEN]
+vitlora explain grocery.safetensors photo.jpg --output explained/ [--method occlusion] [--target_class NAME]
+vitlora serve adapters/ [--weights BASE] [--port 8000] [--max_batch_size 32] [--admin_token TOKEN]
+
+Every command is one line of :data:`COMMANDS`: its handler is imported only when it runs, so
+``vitlora --help`` and a mistyped option answer without loading torch or Lightning. A mistake in
+the input (a missing file, a bad adapter or dataset, an invalid option value) ends the command
+with one line ``vitlora <command>: <problem>`` on stderr and exit status 1; ``--debug`` (or
+``VITLORA_DEBUG=1``) shows the traceback instead. vitlora's own options take either spelling,
+``--top_k`` or ``--top-k``: underscores match the Lightning commands' ``--ckpt_path``.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
+import os
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-EXTRA_COMMANDS = ("export", "classify", "merge", "inspect", "compare", "convert", "explain", "serve")
+COMMANDS: dict[str, tuple[str, str]] = {  # name -> ("module:function(argv)", one line for --help)
+    "fit": ("vitlora.cli:fit_stage", "train from a recipe: --config FILE, --model.*, --data.*, --trainer.*"),
+    "validate": ("vitlora.cli:validate_stage", "val metrics of a checkpoint (--ckpt_path)"),
+    "test": ("vitlora.cli:test_stage", "test metrics, per-class accuracy and confusion matrix of a checkpoint"),
+    "predict": ("vitlora.cli:predict_stage", "top-k predictions.csv of a checkpoint on the test split or paths"),
+    "export": ("vitlora.cli:export_command", "write a training checkpoint's adapter as one .safetensors file"),
+    "classify": ("vitlora.cli:classify_command", "top-k labels for image files and folders with an adapter"),
+    "merge": ("vitlora.cli:merge_command", "fold an adapter into its base: a plain timm .safetensors or .onnx"),
+    "inspect": ("vitlora.cli:inspect_command", "an adapter's config, classes and per-layer update norms and ranks"),
+    "compare": ("vitlora.cli:compare_command", "train several methods alike and write one report"),
+    "convert": ("vitlora.cli:convert_command", "a vitlora adapter to a PEFT folder, or a PEFT folder back"),
+    "explain": ("vitlora.cli:explain_command", "where each image's evidence lies, with and without the adapter"),
+    "serve": ("vitlora.cli:serve_command", "many adapters on one base over HTTP (LitServe), with a web page"),
+}
+DEBUG_FLAG = "--debug"
 
 
 def main(argv: list[str] | None = None) -> None:
     """``argv`` for calls from Python (tests); the console script reads the command line."""
     words = list(sys.argv[1:] if argv is None else argv)
-    if words and words[0] in EXTRA_COMMANDS:
-        commands = {
-            "export": export_command,
-            "classify": classify_command,
-            "merge": merge_command,
-            "inspect": inspect_command,
-            "compare": compare_command,
-            "convert": convert_command,
-            "explain": explain_command,
-            "serve": serve_command,
-        }
-        commands[words[0]](words[1:])
+    debug = DEBUG_FLAG in words or None  # None: VITLORA_DEBUG decides
+    words = [word for word in words if word != DEBUG_FLAG]
+    if not words or words[0] in ("-h", "--help"):
+        print(usage())
+        if not words:
+            raise SystemExit(2)
         return
-    if words[:1] in (["-h"], ["--help"]):
-        print("Extra commands: " + ", ".join(f"vitlora {command} --help" for command in EXTRA_COMMANDS) + "\n")
-    from vitlora.training.lightning_cli import build_cli
+    if words[0] == "--version":
+        from vitlora._version import __version__
 
-    build_cli(argv)
+        print(f"vitlora {__version__}")
+        return
+    name = words[0]
+    if name not in COMMANDS:
+        if name.startswith("-"):  # LightningCLI's own options before the stage: vitlora -c cfg.yaml fit
+            with exit_on_bad_input("vitlora", debug):
+                return run_lightning(words)
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise SystemExit(f"vitlora: unknown command '{name}'{hint}; `vitlora --help` lists them.")
+    with exit_on_bad_input(name, debug):
+        handler(name)(words[1:])
+
+
+def usage() -> str:
+    width = max(map(len, [*COMMANDS, "--version"]))
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(
+        [
+            "usage: vitlora <command> [options]      (vitlora <command> --help: its options)",
+            "",
+            "LoRA, prompt tokens and bias tuning for timm Vision Transformers: train, evaluate, ship.",
+            "",
+            "commands:",
+            *lines,
+            "",
+            "options:",
+            f"  {DEBUG_FLAG:<{width}}  show the traceback of an error (or set VITLORA_DEBUG=1)",
+            f"  {'--version':<{width}}  print vitlora's version",
+        ]
+    )
+
+
+def handler(name: str) -> Callable[[list[str]], None]:
+    module, function = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 @contextmanager
-def exit_on_bad_input(command: str) -> Iterator[None]:
-    """Library errors already name the file and the problem: show that line, not a traceback."""
-    from vitlora.backbone import WeightsUnavailable
-    from vitlora.merge import ExportError
+def exit_on_bad_input(command: str, debug: bool | None = None) -> Iterator[None]:
+    """Library errors already name the file and the problem: show that line, not a traceback.
 
+    Args:
+        command: the subcommand, for the ``vitlora <command>:`` prefix.
+        debug: re-raise with the traceback; None reads ``VITLORA_DEBUG``.
+
+    Raises:
+        SystemExit: with the one-line message (exit status 1), for a bad input.
+    """
     try:
         yield
-    except (ValueError, OSError, ExportError, WeightsUnavailable) as error:
-        raise SystemExit(f"vitlora {command}: {error}") from error
+    except Exception as error:
+        if debug or (debug is None and os.environ.get("VITLORA_DEBUG", "") not in ("", "0")):
+            raise
+        if not is_bad_input(error):
+            raise
+        problem = " ".join(str(error).split()) or type(error).__name__
+        raise SystemExit(f"vitlora {command}: {problem}") from error
+
+
+def is_bad_input(error: Exception) -> bool:
+    """Errors that describe the user's input, not a bug: invalid values, files, weights, exports.
+
+    Only classes of modules already loaded are checked: an error cannot come from one that is not.
+    """
+    kinds: list[type] = [ValueError, OSError]
+    for module, name in (
+        ("vitlora.backbone", "WeightsUnavailable"),
+        ("vitlora.merge", "ExportError"),
+        ("lightning.fabric.utilities.exceptions", "MisconfigurationException"),
+    ):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(error, tuple(kinds))
+
+
+def both_spellings(option: str) -> list[str]:
+    """``--top_k`` and ``--top-k``: vitlora's options accept either (underscores like Lightning's)."""
+    snake = option.replace("-", "_").replace("__", "--", 1)
+    kebab = "--" + snake[2:].replace("_", "-")
+    return list(dict.fromkeys([snake, kebab]))
+
+
+# --- fit, validate, test, predict: LightningCLI ----------------------------------------------
+
+
+def run_lightning(words: list[str]) -> None:
+    """Errors surface while jsonargparse instantiates the model and data, or inside the trainer."""
+    from vitlora.training.lightning_cli import build_cli
+
+    build_cli(words)
+
+
+def fit_stage(argv: list[str]) -> None:
+    run_lightning(["fit", *argv])
+
+
+def validate_stage(argv: list[str]) -> None:
+    run_lightning(["validate", *argv])
+
+
+def test_stage(argv: list[str]) -> None:
+    run_lightning(["test", *argv])
+
+
+def predict_stage(argv: list[str]) -> None:
+    run_lightning(["predict", *argv])
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -65,14 +176,13 @@ def export_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="vitlora export", description="Write a lora or linear checkpoint as a vitlora adapter file."
     )
-    parser.add_argument("--ckpt_path", required=True, type=Path)
+    parser.add_argument(*both_spellings("--ckpt_path"), dest="ckpt_path", required=True, type=Path)
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--weights", help="base weights file, if the checkpoint's source moved")
     args = parser.parse_args(argv)
     from vitlora.training.export import export_adapter
 
-    with exit_on_bad_input("export"):
-        path = export_adapter(args.ckpt_path, args.output, weights=args.weights)
+    path = export_adapter(args.ckpt_path, args.output, weights=args.weights)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
@@ -80,8 +190,6 @@ def export_command(argv: list[str]) -> None:
 
 
 def compare_command(argv: list[str]) -> None:
-    from vitlora.compare import Budget, compare_methods, load_compare_config, methods_from_recipes
-
     parser = argparse.ArgumentParser(
         prog="vitlora compare",
         description="Train several methods on the same backbone, data, epochs and seed; write one report.",
@@ -99,7 +207,9 @@ def compare_command(argv: list[str]) -> None:
         "--budget.limit_train_batches", dest="limit_train_batches", help="10, or 0.25 of them", **batches
     )
     limits.add_argument("--budget.limit_val_batches", dest="limit_val_batches", help="val and test batches", **batches)
-    parser.add_argument("--latency-rounds", type=int, default=10, help="interleaved inference timing rounds")
+    parser.add_argument(
+        *both_spellings("--latency_rounds"), dest="latency_rounds", type=int, default=10, help="timing rounds"
+    )
     args, shared_args = parser.parse_known_args(argv)
     if (args.config is None) == (args.recipes is None):
         parser.error("give either --config or --recipes.")
@@ -108,17 +218,18 @@ def compare_command(argv: list[str]) -> None:
     stray = [word for word in shared_args if word.startswith("-") and "." not in word.split("=")[0]]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    from vitlora.compare import Budget, compare_methods, load_compare_config, methods_from_recipes
+
     budget = Budget(args.max_epochs, args.limit_train_batches, args.limit_val_batches)
-    with exit_on_bad_input("compare"):
-        methods = load_compare_config(args.config, args.methods) if args.config else methods_from_recipes(args.recipes)
-        results = compare_methods(
-            methods,
-            args.output,
-            shared_args=shared_args,
-            budget=budget,
-            latency_rounds=args.latency_rounds,
-            command=shlex.join(["vitlora", "compare", *argv]),
-        )
+    methods = load_compare_config(args.config, args.methods) if args.config else methods_from_recipes(args.recipes)
+    results = compare_methods(
+        methods,
+        args.output,
+        shared_args=shared_args,
+        budget=budget,
+        latency_rounds=args.latency_rounds,
+        command=shlex.join(["vitlora", "compare", *argv]),
+    )
     print(f"wrote {args.output / 'report.md'}")
     failed = [result.name for result in results if not result.ok]
     if failed:
@@ -135,94 +246,101 @@ def _batches(text: str) -> int | float:
 
 def classify_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="vitlora classify", description="Top-k labels for images with an adapter.")
-    parser.add_argument("adapter", type=Path)
+    parser.add_argument("adapter", type=Path, help="a vitlora adapter file (.safetensors)")
     parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
-    parser.add_argument("--output", required=True, type=Path, help=".csv or .jsonl (written as it goes) or .json")
-    parser.add_argument("--weights", help="local base weights file (offline machines)")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=2, help="processes decoding images (.csv/.jsonl)")
-    parser.add_argument("--resume", action="store_true", help="skip the paths already in the .csv/.jsonl output")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.output.suffix in (".csv", ".jsonl"):
-        from vitlora.inference import classify_files
-
-        with exit_on_bad_input("classify"):
-            written, failed = classify_files(
-                args.adapter,
-                args.inputs,
-                args.output,
-                weights=args.weights,
-                top_k=args.top_k,
-                batch_size=args.batch_size,
-                num_workers=args.num_workers,
-                resume=args.resume,
-                progress=not args.no_progress,
-            )
-        print(f"wrote {written} predictions to {args.output}" + (f" ({failed} unreadable)" if failed else ""))
-        return
-    if args.output.suffix != ".json":
-        raise SystemExit(f"{args.output}: the output must end in .csv, .jsonl or .json.")
-    from vitlora.inference import classify, write_predictions
-
-    rows = classify(
-        args.adapter,
-        args.inputs,
-        weights=args.weights,
-        top_k=args.top_k,
-        batch_size=args.batch_size,
+    parser.add_argument(
+        "--output", type=Path, help=".csv or .jsonl (written as it goes), .json, or none: a table on stdout"
     )
+    parser.add_argument("--weights", help="local base weights file (offline machines)")
+    parser.add_argument(*both_spellings("--top_k"), dest="top_k", type=int, default=5)
+    parser.add_argument(*both_spellings("--batch_size"), dest="batch_size", type=int, default=32)
+    parser.add_argument(
+        *both_spellings("--num_workers"), dest="num_workers", type=int, default=2, help="processes decoding images"
+    )
+    parser.add_argument("--resume", action="store_true", help="skip the paths already in the .csv/.jsonl output")
+    parser.add_argument(*both_spellings("--no_progress"), dest="no_progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.adapter.suffix == ".ckpt":
+        raise ValueError(
+            f"{args.adapter}: a training checkpoint, not an adapter: "
+            f"run `vitlora export --ckpt_path {args.adapter} --output ADAPTER.safetensors` first."
+        )
+    from vitlora.files import check_output_path
+    from vitlora.inference import classify, classify_files, prediction_table, write_predictions
+
+    def report(problem: str) -> None:
+        print(f"vitlora classify: skipped {problem}", file=sys.stderr)
+
+    if args.output is not None and args.output.suffix in (".csv", ".jsonl"):
+        written, failed = classify_files(
+            args.adapter, args.inputs, args.output, weights=args.weights, top_k=args.top_k,
+            batch_size=args.batch_size, num_workers=args.num_workers, resume=args.resume,
+            progress=not args.no_progress and sys.stderr.isatty(), on_unreadable=report,
+        )  # fmt: skip
+        summary = f"{written - failed} of {written} images classified" + (f", {failed} unreadable" if failed else "")
+        print(f"wrote {args.output}: {summary}")
+        return
+    if args.output is not None:
+        check_output_path(args.output, (".csv", ".jsonl", ".json"))
+    rows = classify(
+        args.adapter, args.inputs, weights=args.weights, top_k=args.top_k, batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )  # fmt: skip
+    unreadable = [row["error"] for row in rows if row["error"]]
+    for problem in unreadable:
+        report(problem)
+    summary = f"{len(rows) - len(unreadable)} of {len(rows)} images classified" + (
+        f", {len(unreadable)} unreadable" if unreadable else ""
+    )
+    if args.output is None:
+        print(prediction_table(rows))
+        print(summary)
+        return
     write_predictions(rows, args.output)
-    failed = sum(1 for row in rows if row["error"])
-    print(f"wrote {len(rows)} predictions to {args.output}" + (f" ({failed} unreadable)" if failed else ""))
+    print(f"wrote {args.output}: {summary}")
 
 
 # --- merge and inspect -----------------------------------------------------------------------
 
 
 def merge_command(argv: list[str]) -> None:
-    from vitlora.merge import FORMATS, ONNX_TOLERANCE, merge_adapter
-
     parser = argparse.ArgumentParser(
         prog="vitlora merge", description="Fold an adapter into its base: one plain timm model for deployment."
     )
     parser.add_argument("adapter", type=Path)
     parser.add_argument("--output", required=True, type=Path, help="model.safetensors or model.onnx")
-    parser.add_argument("--format", choices=FORMATS, default="safetensors")
+    parser.add_argument("--format", help="safetensors or onnx (default: from the --output suffix)")
     parser.add_argument("--weights", help="local base weights file (offline machines)")
-    parser.add_argument("--tolerance", type=float, default=ONNX_TOLERANCE, help="max |onnx - torch| logit")
+    parser.add_argument("--tolerance", type=float, help="max |onnx - torch| logit (default 1e-4)")
     args = parser.parse_args(argv)
-    with exit_on_bad_input("merge"):
-        path = merge_adapter(
-            args.adapter, args.output, weights=args.weights, format=args.format, tolerance=args.tolerance
-        )
-    checked = f", onnxruntime matches torch within {args.tolerance:g}" if args.format == "onnx" else ""
+    from vitlora.merge import merge_adapter
+
+    format = args.format or ("onnx" if args.output.suffix == ".onnx" else "safetensors")
+    checks = {} if args.tolerance is None else {"tolerance": args.tolerance}
+    path = merge_adapter(args.adapter, args.output, weights=args.weights, format=format, **checks)
+    checked = ", onnxruntime matches torch" if format == "onnx" else ""
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB{checked})")
 
 
 def inspect_command(argv: list[str]) -> None:
-    from vitlora.inspection import inspect_adapter, write_update_heatmap
-
     parser = argparse.ArgumentParser(
         prog="vitlora inspect", description="Config, classes and per-layer update norms and ranks of an adapter."
     )
     parser.add_argument("adapter", type=Path)
     parser.add_argument("--plot", type=Path, help="write a blocks x targets heatmap of update norms (.png)")
     args = parser.parse_args(argv)
-    with exit_on_bad_input("inspect"):
-        summary = inspect_adapter(args.adapter)
-        print(summary)
-        if args.plot:
-            print(f"wrote {write_update_heatmap(summary, args.plot)}")
+    from vitlora.inspection import inspect_adapter, write_update_heatmap
+
+    summary = inspect_adapter(args.adapter)
+    print(summary)
+    if args.plot:
+        print(f"wrote {write_update_heatmap(summary, args.plot)}")
 
 
 # --- convert ---------------------------------------------------------------------------------
 
 
 def convert_command(argv: list[str]) -> None:
-    from vitlora.peft_format import convert_adapter
-
     parser = argparse.ArgumentParser(
         prog="vitlora convert",
         description="Convert a vitlora adapter file (.safetensors) to a PEFT adapter folder, or a PEFT folder back.",
@@ -232,12 +350,12 @@ def convert_command(argv: list[str]) -> None:
     parser.add_argument("--weights", help="local base weights file (offline machines)")
     parser.add_argument("--model", help="timm model name of the base, for PEFT adapters that record none")
     args = parser.parse_args(argv)
-    with exit_on_bad_input("convert"):
-        path = convert_adapter(args.source, args.output, weights=args.weights, model_name=args.model)
-    print(f"wrote {path}")
+    from vitlora.peft_format import convert_adapter
+
+    print(f"wrote {convert_adapter(args.source, args.output, weights=args.weights, model_name=args.model)}")
 
 
-# --- explain ---------------------------------------------------------------------------------
+# --- explain and serve -----------------------------------------------------------------------
 
 
 def explain_command(argv: list[str]) -> None:
@@ -253,25 +371,23 @@ def explain_command(argv: list[str]) -> None:
     parser.add_argument("--output", required=True, type=Path, help="folder for the sheets and tables")
     parser.add_argument("--weights", help="local base weights file (offline machines)")
     parser.add_argument("--method", nargs="+", choices=METHODS, default=[METHODS[0]], help="one sheet row each")
-    parser.add_argument("--target-class", help="explain this class instead of the predicted one")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument(
+        *both_spellings("--target_class"), dest="target_class", help="explain this class instead of the predicted one"
+    )
+    parser.add_argument(*both_spellings("--top_k"), dest="top_k", type=int, default=5)
     parser.add_argument("--steps", type=int, default=32, help="integrated gradients' path steps")
     args = parser.parse_args(argv)
-    with exit_on_bad_input("explain"):
-        records = explain_images(
-            args.adapter,
-            args.inputs,
-            args.output,
-            weights=args.weights,
-            methods=args.method,
-            target_class=args.target_class,
-            top_k=args.top_k,
-            steps=args.steps,
-        )
+    records = explain_images(
+        args.adapter,
+        args.inputs,
+        args.output,
+        weights=args.weights,
+        methods=args.method,
+        target_class=args.target_class,
+        top_k=args.top_k,
+        steps=args.steps,
+    )
     print(f"wrote {len({r['sheet'] for r in records})} sheets and explanations.csv/.json to {args.output}")
-
-
-# --- serve -----------------------------------------------------------------------------------
 
 
 def serve_command(argv: list[str]) -> None:
@@ -285,30 +401,51 @@ def serve_command(argv: list[str]) -> None:
     parser.add_argument("--weights", help="local base weights file (offline machines)")
     parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"])
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch-size", type=int, default=32, help="images per forward pass, adapters mixed")
-    parser.add_argument("--batch-timeout", type=float, default=0.01, help="seconds a batch waits to fill")
+    parser.add_argument(
+        *both_spellings("--max_batch_size"),
+        dest="max_batch_size",
+        type=int,
+        default=32,
+        help="images per forward pass, adapters mixed",
+    )
+    parser.add_argument(
+        *both_spellings("--batch_timeout"),
+        dest="batch_timeout",
+        type=float,
+        default=0.01,
+        help="seconds a batch waits to fill",
+    )
     parser.add_argument("--workers", type=int, default=1, help="inference worker processes per device")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, help="largest image file accepted")
-    parser.add_argument("--admin-token", help="enables POST/DELETE /adapters (or set VITLORA_ADMIN_TOKEN)")
+    parser.add_argument(
+        *both_spellings("--max_image_bytes"),
+        dest="max_image_bytes",
+        type=int,
+        default=MAX_IMAGE_BYTES,
+        help="largest image file accepted",
+    )
+    parser.add_argument(
+        *both_spellings("--admin_token"),
+        dest="admin_token",
+        help="enables POST/DELETE /adapters (or set VITLORA_ADMIN_TOKEN)",
+    )
     args = parser.parse_args(argv)
-    with exit_on_bad_input("serve"):
-        from vitlora.serving.api import ServeConfig, serve
+    from vitlora.serving.api import ServeConfig, serve
 
-        serve(
-            ServeConfig(
-                tuple(args.sources),
-                weights=args.weights,
-                host=args.host,
-                port=args.port,
-                max_batch_size=args.max_batch_size,
-                batch_timeout=args.batch_timeout,
-                workers=args.workers,
-                accelerator=args.accelerator,
-                limits=Limits(max_image_bytes=args.max_image_bytes),
-                admin_token=args.admin_token,
-            )
+    serve(
+        ServeConfig(
+            tuple(args.sources),
+            weights=args.weights,
+            host=args.host,
+            port=args.port,
+            max_batch_size=args.max_batch_size,
+            batch_timeout=args.batch_timeout,
+            workers=args.workers,
+            accelerator=args.accelerator,
+            limits=Limits(max_image_bytes=args.max_image_bytes),
+            admin_token=args.admin_token,
         )
+    )
 
 
 if __name__ == "__main__":

@@ -180,9 +180,15 @@ def read_dataset(
 
 
 def expand_image_paths(items: Sequence[str | Path]) -> list[Path]:
-    """Folders become the images inside them (recursively, sorted); files stay as given."""
+    """Folders become the images inside them (recursively, sorted); files stay as given.
+
+    Raises:
+        FileNotFoundError: an item that is neither a file nor a folder (a typo must not pass silently).
+    """
     files: list[Path] = []
     for item in map(Path, items):
+        if not item.exists():
+            raise FileNotFoundError(f"{item}: no such file or folder.")
         if item.is_dir():
             files += sorted(f for f in item.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         else:
@@ -286,13 +292,40 @@ class EpochShuffler(DistributedSampler):
 
     def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.resumed_at: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, samples_done: int) -> None:
+        """Sets ``epoch`` and starts it after the first ``samples_done`` of this rank's share: a run
+        resumed from a checkpoint saved inside that epoch continues with the very next batch.
+        ``len()`` stays the whole share, as the training loop counts the batches already done."""
+        self.set_epoch(epoch)
+        self.resumed_at = (epoch, samples_done)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
         padding = self.total_size - len(order)
         order += (order * math.ceil(padding / len(order)))[:padding]
-        return iter([(i, self.epoch) for i in order[self.rank :: self.num_replicas]])
+        share = order[self.rank :: self.num_replicas]
+        if self.resumed_at is not None and self.resumed_at[0] == self.epoch:
+            share = share[self.resumed_at[1] :]
+        return iter([(i, self.epoch) for i in share])
+
+
+class UnpaddedShard(DistributedSampler):
+    """Evaluation under DDP: rank ``r`` takes images ``r, r + world, ...`` in order, none repeated.
+
+    DistributedSampler pads the shares to equal length with repeats, so metrics would count
+    some images twice; here shares differ by at most one image and every image counts once
+    (torchmetrics syncs its states across ranks, whatever the share sizes)."""
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, size, num_replicas))
+        self.total_size = size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -154,6 +154,24 @@ def predicted_batches(
         ]
 
 
+def prediction_table(rows: list[dict]) -> str:
+    """Rows as aligned text for a terminal: the path, then each label with its probability."""
+    k = max((len(row["labels"]) for row in rows), default=0)
+    table = [["path", *(f"top-{i}" for i in range(1, k + 1))]]
+    table += [
+        [row["path"], *(f"{label} {p:.3f}" for label, p in zip(row["labels"], row["probabilities"], strict=True))]
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in table if i < len(line)) for i in range(k + 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)) for line in table]
+    for number, row in enumerate(rows, 1):
+        if row["error"]:
+            lines[number] = (
+                f"{row['path'].ljust(widths[0])}  unreadable: {row['error'].removeprefix(row['path'] + ': ')}"
+            )
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def classify(
     adapter_path: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
@@ -178,9 +196,10 @@ def classify(
 
     Raises:
         AdapterError: the adapter file or its base cannot be used.
+        FileNotFoundError: an input that does not exist (checked before the model is built).
     """
-    model, adapter = build_model_with_adapter(adapter_path, weights)
     paths = expand_image_paths([Path(item) for item in inputs])
+    model, adapter = build_model_with_adapter(adapter_path, weights)
     return [row for rows in predicted_batches(model, adapter, paths, top_k, batch_size, num_workers) for row in rows]
 
 
@@ -195,6 +214,7 @@ def classify_files(
     num_workers: int = 2,
     resume: bool = False,
     progress: bool = True,
+    on_unreadable: Callable[[str], None] | None = None,
 ) -> tuple[int, int]:
     """Top-k labels of every image in ``inputs`` (files, folders recursed) written row by row to ``output``.
 
@@ -208,6 +228,7 @@ def classify_files(
         num_workers: DataLoader worker processes decoding images (0: in this process).
         resume: skip the paths already in ``output`` and append the others.
         progress: show a progress bar with images/s and the time left (on stderr).
+        on_unreadable: called with each unreadable image's error as it is met (the CLI reports them).
 
     Returns:
         The number of rows written and how many of them are unreadable images.
@@ -220,9 +241,10 @@ def classify_files(
         raise ValueError(f"{output}: the output must end in {' or '.join(STREAMED_SUFFIXES)}.")
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}.")
+    paths = expand_image_paths([Path(item) for item in inputs])
     model, adapter = build_model_with_adapter(adapter_path, weights)
     skip = done_paths(output) if resume else set()
-    paths = [path for path in expand_image_paths(inputs) if str(path) not in skip]
+    paths = [path for path in paths if str(path) not in skip]
     written = unreadable = 0
     with (
         open_rows(output, min(top_k, adapter.num_classes), resume) as writer,
@@ -231,6 +253,10 @@ def classify_files(
         for rows in predicted_batches(model, adapter, paths, top_k, batch_size, num_workers):
             writer.write(rows)
             written += len(rows)
-            unreadable += sum(1 for row in rows if row["error"])
+            for row in rows:
+                if row["error"]:
+                    unreadable += 1
+                    if on_unreadable is not None:
+                        on_unreadable(row["error"])
             bar.update(len(rows))
     return written, unreadable

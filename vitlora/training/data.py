@@ -24,6 +24,7 @@ from vitlora.datasets import (
     EpochShuffler,
     ImageDataset,
     Sample,
+    UnpaddedShard,
     allow_zero_bit_posterize,
     backbone_data_config,
     check_images,
@@ -157,10 +158,9 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self._datasets[split]
         hp = self.hparams
-        sampler = None
-        if train:  # this process's share under DDP (Lightning shards evaluation loaders itself)
-            world = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-            sampler = EpochShuffler(len(dataset), hp.seed, *world)
+        world = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        # this process's share under DDP: shuffled for training, every image once for evaluation
+        sampler = EpochShuffler(len(dataset), hp.seed, *world) if train else UnpaddedShard(len(dataset), *world)
         return DataLoader(
             dataset,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),

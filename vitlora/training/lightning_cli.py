@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from vitlora.training.checkpoints import AtomicCheckpointIO, ResumeInsideEpoch, step_checkpoint
 from vitlora.training.data import ImageDataModule
 from vitlora.training.module import ImageClassifier
 from vitlora.training.predictions import PredictionWriter
@@ -23,6 +24,19 @@ class VitloraCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("seed_everything", "model.seed")
         parser.link_arguments("seed_everything", "data.seed")
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int | None,
+            default=None,
+            help="also refresh last.ckpt every N optimizer steps: a killed run resumes inside its epoch",
+        )
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        every_n_steps = self._get(self.config_init, "checkpoint_every_n_steps")
+        if every_n_steps is not None:  # a checkpoint callback: Lightning keeps those last
+            trainer.callbacks.append(step_checkpoint(every_n_steps))
+        return trainer
 
 
 def trainer_defaults() -> dict:
@@ -32,11 +46,19 @@ def trainer_defaults() -> dict:
             "init_args": {"save_dir": "runs", "name": "vitlora"},
         },
         "callbacks": [
-            ModelCheckpoint(monitor="val/top1", mode="max", save_last=True, filename="best-{epoch}-{step}"),
+            ModelCheckpoint(
+                monitor="val/top1",
+                mode="max",
+                save_last=True,
+                filename="best-{epoch}-{step}",
+                enable_version_counter=False,  # one last.ckpt, shared with the step checkpoints
+            ),
             LearningRateMonitor(logging_interval="step"),
             PredictionWriter(),
+            ResumeInsideEpoch(),
         ],
         "log_every_n_steps": 10,
+        "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
     }
 
 

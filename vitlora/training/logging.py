@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -12,7 +13,11 @@ from vitlora.files import atomic_write
 
 
 class RunLogger(TensorBoardLogger):
-    """TensorBoard logger that also keeps every logged metric in ``<log_dir>/metrics.csv``."""
+    """TensorBoard logger that also keeps every logged metric in ``<log_dir>/metrics.csv``.
+
+    A run that fails before logging anything (no such checkpoint, no test split...) removes
+    its folder again when it holds nothing but the config and an empty event file.
+    """
 
     def __init__(
         self,
@@ -41,3 +46,20 @@ class RunLogger(TensorBoardLogger):
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self._rows)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        folder = Path(self.log_dir)
+        if status == "failed" and not self._rows and folder.is_dir() and holds_no_results(folder):
+            shutil.rmtree(folder)
+            if not any(folder.parent.iterdir()):  # runs/<name>/ made for this run alone
+                folder.parent.rmdir()
+
+
+def holds_no_results(folder: Path) -> bool:
+    """Only what every run writes before its first step: config, hyperparameters, TensorBoard events."""
+    return all(
+        path.is_file() and (path.name in ("config.yaml", "hparams.yaml") or path.name.startswith("events.out.tfevents"))
+        for path in folder.iterdir()
+    )
