@@ -13,7 +13,14 @@ import timm
 import torch
 from torch import nn
 
-from vitlora.adapter import Adapter, AdapterError, architecture_of, base_fingerprint, read_adapter
+from vitlora.adapter import (
+    Adapter,
+    AdapterError,
+    architecture_of,
+    base_config_differences,
+    base_fingerprint,
+    read_adapter,
+)
 from vitlora.backbone import create_backbone
 from vitlora.lora import inject_lora, lora_modules
 from vitlora.prompts import add_prompt_tokens, check_promptable, prompt_config
@@ -26,6 +33,8 @@ from vitlora.trainable import (
     freeze_base,
     is_bias_name,
 )
+
+MAX_BASE_PARAMETERS = 10**10  # larger than any timm model; a model_kwargs above it is damage, not a model
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
@@ -61,9 +70,41 @@ def build_base(
     name = model_name or adapter.model_name
     if not name:
         raise AdapterError(adapter.path, "records no timm model name to build the base model from: name one.")
-    if not timm.is_model(name):
-        raise AdapterError(adapter.path, f"records timm model {name!r}, unknown to timm {timm.__version__}.")
+    if not isinstance(name, str) or len(name) > 200 or not timm.is_model(name):
+        raise AdapterError(adapter.path, f"records timm model {name!r:.80}, unknown to timm {timm.__version__}.")
+    check_buildable(adapter, name)
     return create_backbone(name, adapter.num_classes, weights=weights, **adapter.model_kwargs)
+
+
+def check_buildable(adapter: Adapter, name: str) -> None:
+    """Builds the recorded base on the meta device first (no memory): timm must accept the adapter's
+    ``model_kwargs``, the result must not exceed ``MAX_BASE_PARAMETERS`` and must be the base it records."""
+    kwargs = adapter.model_kwargs
+    try:
+        with torch.device("meta"):
+            skeleton = timm.create_model(name, pretrained=False, num_classes=adapter.num_classes, **kwargs)
+    except Exception as error:  # timm's constructors raise TypeError, AssertionError, ValueError...: all mean this
+        raise AdapterError(
+            adapter.path,
+            f"metadata 'model_kwargs' {str(kwargs)[:200]} do not build timm model {name!r} "
+            f"({type(error).__name__}: {str(error)[:200]}).",
+        ) from error
+    size = sum(parameter.numel() for parameter in skeleton.parameters())
+    if size > MAX_BASE_PARAMETERS:
+        raise AdapterError(
+            adapter.path, f"metadata 'model_kwargs' {str(kwargs)[:200]} make {name!r} a model of {size:,} parameters."
+        )
+    check_base_config(skeleton, adapter)
+
+
+def check_base_config(model: nn.Module, adapter: Adapter) -> None:
+    """Refuses a model whose forward pass differs from the adapter's base (heads, prefix tokens, pooling, norms)."""
+    differences = base_config_differences(adapter.base_config, model) if adapter.base_config else []
+    if differences:
+        raise AdapterError(
+            adapter.path,
+            f"the model is not the base the adapter was trained on: {', '.join(differences[:4])} (adapter != model).",
+        )
 
 
 def apply_adapter(model: nn.Module, adapter: Adapter, *, check_base: bool = True) -> nn.Module:
@@ -140,6 +181,7 @@ def check_compatible(model: nn.Module, adapter: Adapter, check_base: bool) -> No
             adapter.path,
             f"adapter is for architecture {adapter.architecture!r}, the model is {architecture!r}.",
         )
+    check_base_config(model, adapter)
     if check_base and adapter.base_fingerprint is not None:
         fingerprint = base_fingerprint(model, exclude_biases=adapter.bias_tuning)
         if fingerprint != adapter.base_fingerprint:

@@ -25,6 +25,7 @@ from vitlora.apply import build_model_with_adapter
 from vitlora.files import atomic_write, check_output_path
 from vitlora.lora import lora_modules, merge_lora
 from vitlora.targets import input_shape
+from vitlora.validation import with_payload_digest
 
 FORMATS = ("safetensors", "onnx")
 MERGED_FORMAT = "vitlora.merged"
@@ -73,9 +74,9 @@ def merge_adapter(
     metadata = merged_metadata(adapter)
     if format == "onnx":
         return export_onnx(model, output, metadata=metadata, tolerance=tolerance)
-    tensors = {key: tensor.detach().contiguous() for key, tensor in model.state_dict().items()}
+    tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in model.state_dict().items()}
     with atomic_write(output) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=with_payload_digest(tensors, metadata))
     return output
 
 

@@ -30,10 +30,13 @@ from safetensors.torch import save as serialize
 from torch import nn
 
 from vitlora.adapter import (
+    MAX_ALPHA,
     Adapter,
     AdapterError,
     adapter_header,
+    check_adapter_tensors,
     decode_adapter,
+    is_file,
     read_adapter,
     read_safetensors,
     resave_metadata,
@@ -55,6 +58,15 @@ from vitlora.targets import (
     unwrap,
 )
 from vitlora.trainable import bias_tuning_enabled
+from vitlora.validation import (
+    PEFT_DTYPES,
+    InvalidJSON,
+    check_int,
+    check_json_type,
+    check_number,
+    decode_json,
+    with_payload_digest,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -121,9 +133,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, **metadata: Any)
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    tensors = {key: t.to("cpu").contiguous() for key, t in tensors.items()}
     payload = serialize(
-        {key: t.to("cpu").contiguous() for key, t in tensors.items()},
-        metadata={"format": "pt", HEADER_KEY: json.dumps(header)},
+        tensors, metadata=with_payload_digest(tensors, {"format": "pt", HEADER_KEY: json.dumps(header)})
     )
     adapted = {name for name, _ in modules}
     bypassed = [name for name in rerouted_attention(model) if f"{name}.qkv" in adapted]
@@ -185,18 +197,18 @@ def read_peft(directory: str | os.PathLike, base: nn.Module | None = None) -> Ad
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     peft_config = _read_config(config_path)
-    if not weights_path.is_file():
+    if not is_file(weights_path):
         found = " (vitlora never unpickles adapter_model.bin: save it with safe_serialization=True)"
         raise AdapterError(
             weights_path, "no such file" + (found if (directory / "adapter_model.bin").exists() else ".")
         )
-    metadata, tensors = read_safetensors(weights_path)
+    metadata, tensors = read_safetensors(weights_path, PEFT_DTYPES)
     pairs, heads = _split_tensors(weights_path, tensors, use_dora=bool(peft_config.get("use_dora")))
     generic = _peft_lora_config(config_path, peft_config, pairs)
-    exported = _exported_header(weights_path, metadata)
+    exported = _exported_header(weights_path, metadata, use_dora=generic.use_dora)
     restored = _restore_vitlora_layout(exported.config, pairs, base) if exported else None
     config, lora = (exported.config, restored) if restored else (generic, _vitlora_names(pairs))
-    return Adapter(
+    adapter = Adapter(
         path=directory,
         config=config,
         tensors={**lora, **heads},
@@ -206,16 +218,23 @@ def read_peft(directory: str | os.PathLike, base: nn.Module | None = None) -> Ad
         class_names=exported.class_names if exported else None,
         base_fingerprint=exported.base_fingerprint if exported else None,
         metadata=exported.metadata if exported else {},
+        base_config=exported.base_config if exported else None,
     )
+    check_adapter_tensors(adapter)
+    return adapter
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not is_file(path):
         raise AdapterError(path, "no such file: not a PEFT adapter folder.")
     try:
-        peft_config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise AdapterError(path, f"not valid JSON ({error}).") from error
+        peft_config = decode_json(path.read_text(), "the config")
+    except InvalidJSON as error:
+        raise AdapterError(path, f"not valid JSON ({error.__cause__}).") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise AdapterError(path, f"cannot be read as text ({type(error).__name__}: {error}).") from error
+    except ValueError as error:
+        raise AdapterError(path, str(error)) from error
     if not isinstance(peft_config, dict) or peft_config.get("peft_type") != "LORA":
         kind = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
         raise AdapterError(path, f"not a PEFT LoRA adapter (peft_type is {kind!r}).")
@@ -224,6 +243,7 @@ def _read_config(path: Path) -> dict[str, Any]:
             raise AdapterError(path, f"PEFT option {option}={peft_config[option]!r} is not supported by vitlora.")
     if peft_config.get("use_dora") not in (True, False, None):
         raise AdapterError(path, f"PEFT option use_dora={peft_config['use_dora']!r} is not true or false.")
+    _check_config_types(path, peft_config)
     init = peft_config.get("init_lora_weights", True)
     if not (isinstance(init, bool) or init in _PLAIN_INITS):
         raise AdapterError(
@@ -237,6 +257,20 @@ def _read_config(path: Path) -> dict[str, Any]:
             path, f"modules_to_save {extra} are not supported: vitlora adapters carry only {list(CLASSIFIER_NAMES)}."
         )
     return peft_config
+
+
+def _check_config_types(path: Path, peft_config: Mapping[str, Any]) -> None:
+    """PEFT's numbers and flags, each of its JSON type and finite: ``"use_rslora": "no"`` is refused, not true."""
+    try:
+        check_int(peft_config.get("r", 8), "r", 1, 2**20)
+        check_number(peft_config.get("lora_alpha", 8), "lora_alpha", 0.0, MAX_ALPHA * 2**10)
+        check_number(peft_config.get("lora_dropout", 0.0), "lora_dropout", 0.0, 1.0)
+        check_json_type(peft_config.get("use_rslora", False), "use_rslora", bool)
+        check_json_type(peft_config.get("base_model_name_or_path") or "", "base_model_name_or_path", str)
+        for module in check_json_type(peft_config.get("modules_to_save") or [], "modules_to_save", list):
+            check_json_type(module, "modules_to_save entry", str)
+    except ValueError as error:
+        raise AdapterError(path, f"PEFT option {error}") from error
 
 
 def _split_tensors(
@@ -286,7 +320,7 @@ def _split_tensors(
         )
     if not pairs:
         raise AdapterError(path, "holds no LoRA tensors.")
-    if "head.weight" not in heads:
+    if "head.weight" not in heads or heads["head.weight"].ndim != 2:
         raise AdapterError(
             path, "holds no classifier head: vitlora adapters carry it (train with modules_to_save=['head'])."
         )
@@ -323,17 +357,23 @@ def _peft_lora_config(path: Path, peft_config: Mapping[str, Any], pairs: Mapping
     return config
 
 
-def _exported_header(path: Path, metadata: Mapping[str, str]) -> Adapter | None:
-    """vitlora's header from a folder it exported (None for other folders), decoded and validated."""
+def _exported_header(path: Path, metadata: Mapping[str, str], use_dora: bool) -> Adapter | None:
+    """vitlora's header from a folder it exported (None for other folders), decoded and validated: a LoRA
+    adapter (export_peft writes no other) whose DoRA flag agrees with the PEFT config's."""
     if HEADER_KEY not in metadata:
         return None
     try:
-        header = json.loads(metadata[HEADER_KEY])
+        header = decode_json(metadata[HEADER_KEY], f"metadata {HEADER_KEY!r}", dict)
     except ValueError as error:
-        raise AdapterError(path, f"metadata {HEADER_KEY!r} is not valid JSON ({error}).") from error
-    if not isinstance(header, dict):
-        raise AdapterError(path, f"metadata {HEADER_KEY!r} is not a vitlora adapter header.")
-    return decode_adapter(path, header, {})
+        raise AdapterError(path, str(error)) from error
+    exported = decode_adapter(path, header, {})
+    if exported.config is None or exported.prompt is not None or exported.bias_tuning:
+        raise AdapterError(path, f"metadata {HEADER_KEY!r} is not the header of a LoRA adapter vitlora exports.")
+    if exported.config.use_dora != use_dora:
+        raise AdapterError(
+            path, f"metadata {HEADER_KEY!r} says use_dora {exported.config.use_dora}, the PEFT config {use_dora}."
+        )
+    return exported
 
 
 def _magnitude_on_every_row(layer: LoRALinear) -> torch.Tensor:
