@@ -34,6 +34,7 @@ from vitlora.trainable import (
     is_bias_name,
 )
 
+MAX_DEPTH = 1024  # blocks; timm's deepest ViT has 48
 MAX_BASE_PARAMETERS = 10**10  # larger than any timm model; a model_kwargs above it is damage, not a model
 
 
@@ -80,6 +81,17 @@ def check_buildable(adapter: Adapter, name: str) -> None:
     """Builds the recorded base on the meta device first (no memory): timm must accept the adapter's
     ``model_kwargs``, the result must not exceed ``MAX_BASE_PARAMETERS`` and must be the base it records."""
     kwargs = adapter.model_kwargs
+    recorded = adapter.base_config or {}
+    clashes = [
+        f"{key}={str(value)[:40]} but base_config {key}={recorded[key]}"
+        for key, value in kwargs.items()
+        if key in recorded and value != recorded[key] and [value] * 2 != recorded[key]  # img_size 32 is [32, 32]
+    ]
+    depth = kwargs.get("depth", 1)
+    if clashes or not (isinstance(depth, int) and 0 < depth <= MAX_DEPTH):  # blocks cost time even on meta
+        raise AdapterError(
+            adapter.path, f"metadata 'model_kwargs' {str(kwargs)[:200]} disagree with the base it records: {clashes}."
+        )
     try:
         with torch.device("meta"):
             skeleton = timm.create_model(name, pretrained=False, num_classes=adapter.num_classes, **kwargs)
