@@ -196,7 +196,9 @@ def tensor_variants(path: Path, rng: random.Random, label: str) -> Iterator[Vari
     yield Variant(
         "tensor shapes", f"{label} extra tensor", saved({**tensors, "blocks.0.norm1.weight": torch.ones(64)}, meta)
     )
-    yield Variant("tensor shapes", f"{label} no digest", saved(tensors, meta, digest=False))
+    older = {key: value for key, value in meta.items() if key != "base_config"}
+    yield Variant("tensor shapes", f"{label} older file without digest", saved(tensors, older, digest=False))
+    yield Variant("tensor shapes", f"{label} digest dropped", saved(tensors, meta, digest=False))
 
 
 class _Payload:

@@ -308,6 +308,8 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     if not is_file(path):
         raise AdapterError(path, "no such adapter file.")
     header, tensors = read_safetensors(path)
+    if PAYLOAD_DIGEST_KEY not in header and "base_config" in header:  # written together since base configs exist
+        raise AdapterError(path, f"corrupted: it records a base_config but no {PAYLOAD_DIGEST_KEY}.")
     adapter = decode_adapter(path, header, tensors)
     check_adapter_tensors(adapter)
     if PAYLOAD_DIGEST_KEY not in header:
