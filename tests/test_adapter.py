@@ -24,6 +24,7 @@ from vitlora import (
 )
 from vitlora.lora import lora_modules
 from vitlora.trainable import bias_tuning_enabled
+from vitlora.validation import with_payload_digest
 
 CLASSES = ["apple", "banana", "carrot", "dates", "eggplant"]
 
@@ -167,6 +168,12 @@ def test_a_config_that_does_not_fit_the_model_is_an_adapter_error(tmp_path):
     path = save_adapter(model, tmp_path / "deep.safetensors")
     shallow = tiny_model()
     before = ModelState(shallow)
+    with pytest.raises(AdapterError, match="not the base the adapter was trained on: depth 3 != 2"):
+        load_adapter(shallow, path, check_base=False)
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    del meta["base_config"]  # as in files older than base configs: the LoRA config is checked on its own
+    rewrite(path, metadata=meta)
     with pytest.raises(AdapterError, match="does not fit this model"):
         load_adapter(shallow, path, check_base=False)
     before.assert_unchanged(shallow)
@@ -199,9 +206,11 @@ def test_an_adapter_written_before_dora_loads_as_plain_lora(tmp_path):
 
 
 def rewrite(path, tensors=None, metadata=None):
+    """Saves changed tensors or metadata with a matching digest, so the checks behind the digest are reached."""
     with safe_open(path, "pt") as handle:
         meta = handle.metadata()
-    save_file(tensors if tensors is not None else load_file(path), path, metadata=metadata or meta)
+    tensors = tensors if tensors is not None else load_file(path)
+    save_file(tensors, path, metadata=with_payload_digest(tensors, metadata or meta))
 
 
 def corrupt_missing(path):
@@ -249,9 +258,9 @@ def corrupt_config(path):
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
-        (corrupt_missing, r"missing: blocks\.1\.attn\.qkv\.lora_B"),
-        (corrupt_misshapen, r"misshapen: blocks\.0\.attn\.qkv\.lora_A \(3, 64\) != \(8, 64\)"),
-        (corrupt_unexpected, r"unexpected: blocks\.0\.attn\.proj\.lora_A"),
+        (corrupt_missing, r"blocks\.1\.attn\.qkv: LoRA tensors \['lora_A'\] are not \['lora_A', 'lora_B'\]"),
+        (corrupt_misshapen, r"blocks\.0\.attn\.qkv: LoRA tensors A \(3, 64\), B \(128, 4\) do not fit 2 update"),
+        (corrupt_unexpected, r"blocks\.0\.attn\.proj: LoRA tensors \['lora_A'\] are not"),
         (corrupt_truncated, "not a readable safetensors file"),
         (corrupt_not_safetensors, "not a readable safetensors file"),
         (corrupt_foreign_safetensors, "not a vitlora adapter"),
@@ -362,7 +371,12 @@ def test_build_model_with_adapter_recreates_the_recorded_model_on_local_weights(
     ("metadata", "message"),
     [
         ({"model_name": "vit_no_such_model"}, "records timm model 'vit_no_such_model', unknown to timm"),
-        ({"model_kwargs": [32]}, r"metadata 'model_kwargs' is not a mapping: \[32\]"),
+        ({"model_kwargs": [32]}, r"invalid metadata: 'model_kwargs' is list of 1, not an object"),
+        ({"model_kwargs": {"foo": 1}}, r"metadata 'model_kwargs' \{'foo': 1\} do not build timm model"),
+        (
+            {"model_kwargs": {**TINY, "img_size": IMG_SIZE, "num_heads": 4}},
+            r"metadata 'model_kwargs' .* disagree with the base it records: \['num_heads=4 but base_config num_heads=2'\]",
+        ),
     ],
 )
 def test_build_model_with_adapter_names_the_file_and_the_problem(tmp_path, metadata, message):
@@ -500,9 +514,9 @@ def corrupt_prompt_config(path):
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
-        (corrupt_prompt_shape, r"misshapen: blocks\.1\.prompt\.tokens \(2, 64\) != \(3, 64\)"),
+        (corrupt_prompt_shape, r"tensor 'blocks\.1\.prompt\.tokens' has 2 tokens, metadata 'prompt_config' says 3"),
         (corrupt_missing_bias, r"missing: blocks\.1\.mlp\.fc2\.bias"),
-        (corrupt_bias_flag, "'bias_tuning' is '\"yes\"', not true or false"),
+        (corrupt_bias_flag, "'bias_tuning' is 'yes', not true or false"),
         (corrupt_prompt_config, "invalid metadata.*num_tokens"),
     ],
 )
@@ -539,7 +553,8 @@ def test_prompt_tokens_onto_a_rotary_model_are_an_adapter_error(tmp_path):
     path = save_adapter(adapt(tiny_model(), prompt=PromptConfig(2)), tmp_path / "a.safetensors")
     with safe_open(path, "pt") as handle:
         meta = handle.metadata()
-    rewrite(path, metadata={**meta, "architecture": ""})  # past the architecture check, to the prompt check
+    del meta["base_config"]  # past the architecture checks, to the prompt check
+    rewrite(path, metadata={**meta, "architecture": ""})
     eva = tiny_model("eva02_tiny_patch14_224")
     before = ModelState(eva)
     with pytest.raises(AdapterError, match="prompt tokens do not fit this model: Eva applies rotary"):

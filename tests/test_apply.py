@@ -10,10 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from vitlora import load_adapter, read_adapter
+from vitlora.adapter import UndigestedFileWarning
 from vitlora.apply import build_model_with_adapter
 from vitlora.training.module import ImageClassifier
 
 RELEASE = Path(__file__).parent / "fixtures" / "release_0_1_0"  # written by make_fixtures.py at commit 6a0ba59
+pytestmark = pytest.mark.filterwarnings("ignore::vitlora.adapter.UndigestedFileWarning")  # asserted once below
 KW = {"img_size": 16, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}
 
 
@@ -51,3 +53,10 @@ def test_labels_fall_back_to_class_indices():
     adapter = read_adapter(RELEASE / "dora_prompt_bias.safetensors")
     assert adapter.class_names is None
     assert adapter.labels == ["0", "1", "2"]
+
+
+@pytest.mark.filterwarnings("error::vitlora.adapter.UndigestedFileWarning")
+def test_release_files_without_a_payload_digest_load_with_one_warning():
+    with pytest.warns(UndigestedFileWarning, match=r"lora\.safetensors: records no payload digest") as warned:
+        adapter = read_adapter(RELEASE / "lora.safetensors")
+    assert len(warned) == 1 and adapter.base_config is None

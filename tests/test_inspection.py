@@ -22,6 +22,7 @@ from vitlora import (
 )
 from vitlora.charts import heatmap_image
 from vitlora.lora import lora_modules
+from vitlora.validation import with_payload_digest
 
 CLASSES = ["apple", "banana", "cherry", "dates", "eggplant", "fig", "grape"]
 # singular values of scale * B A per (block, target), scale = alpha / rank = 2
@@ -131,8 +132,10 @@ def test_bad_files_name_the_file_and_the_problem(known_adapter, tmp_path):
     with safe_open(known_adapter, "pt") as handle:
         metadata = handle.metadata()
     del tensors["blocks.1.mlp.fc2.lora_B"]
-    save_file(tensors, tmp_path / "broken.safetensors", metadata)
-    with pytest.raises(AdapterError, match=r"broken\.safetensors: blocks\.1\.mlp\.fc2: LoRA tensors do not fit"):
+    save_file(tensors, tmp_path / "broken.safetensors", with_payload_digest(tensors, metadata))
+    with pytest.raises(
+        AdapterError, match=r"broken\.safetensors: blocks\.1\.mlp\.fc2: LoRA tensors \['lora_A'\] are not"
+    ):
         inspect_adapter(tmp_path / "broken.safetensors")
     with pytest.raises(FileNotFoundError, match=r"output folder .*nowhere does not exist"):
         write_update_heatmap(inspect_adapter(known_adapter), tmp_path / "nowhere" / "updates.png")

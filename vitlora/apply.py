@@ -13,7 +13,14 @@ import timm
 import torch
 from torch import nn
 
-from vitlora.adapter import Adapter, AdapterError, architecture_of, base_fingerprint, read_adapter
+from vitlora.adapter import (
+    Adapter,
+    AdapterError,
+    architecture_of,
+    base_config_differences,
+    base_fingerprint,
+    read_adapter,
+)
 from vitlora.backbone import create_backbone
 from vitlora.lora import inject_lora, lora_modules
 from vitlora.prompts import add_prompt_tokens, check_promptable, prompt_config
@@ -27,14 +34,26 @@ from vitlora.trainable import (
     is_bias_name,
 )
 
+MAX_DEPTH = 1024  # blocks; timm's deepest ViT has 48
+MAX_BASE_PARAMETERS = 10**10  # larger than any timm model; a model_kwargs above it is damage, not a model
+
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
     """Adapts a plain timm model as the file says (LoRA, prompt tokens, bias tuning) and loads its tensors.
 
-    The classifier is resized to the adapter's classes when needed. Raises
-    :class:`AdapterError` for a foreign architecture, other base weights (by fingerprint;
-    ``check_base=False`` skips that check), or missing / unexpected / misshapen tensors,
-    and then leaves the model exactly as it was.
+    The classifier is resized to the adapter's classes when needed.
+
+    Args:
+        model: a plain timm model with the base weights the adapter was trained on.
+        path: the adapter file.
+        check_base: check the base-weight fingerprint (the architecture is always checked).
+
+    Returns:
+        ``model``, adapted in place.
+
+    Raises:
+        AdapterError: an unusable file, a foreign architecture, other base weights, or missing /
+            unexpected / misshapen tensors; the model is then left exactly as it was.
     """
     return apply_adapter(model, read_adapter(path), check_base=check_base)
 
@@ -44,11 +63,20 @@ def build_model_with_adapter(
 ) -> tuple[nn.Module, Adapter]:
     """The model an adapter describes, ready for inference (eval mode), and the adapter.
 
-    ``source``: an adapter file, or an :class:`Adapter` already read (e.g. from a PEFT folder).
-    The base is the timm model it records (``model_name``, or the one given, and
-    ``model_kwargs``) on its pretrained weights: from the timm hub, or from ``weights`` (a
-    local file, for offline machines). The base-weight fingerprint is checked as in
-    :func:`load_adapter`.
+    The base is the timm model the adapter records (with its ``model_kwargs``) on its
+    pretrained weights; the base-weight fingerprint is checked as in :func:`load_adapter`.
+
+    Args:
+        source: an adapter file, or an :class:`Adapter` already read (e.g. from a PEFT folder).
+        weights: a local base weights file (offline machines); else the timm hub.
+        model_name: the timm model, for adapters that record none.
+
+    Returns:
+        ``(model, adapter)``, the model in eval mode.
+
+    Raises:
+        AdapterError: the adapter cannot be used or its metadata cannot build a base.
+        WeightsUnavailable: the base weights cannot be found.
     """
     adapter = source if isinstance(source, Adapter) else read_adapter(source)
     return apply_adapter(build_base(adapter, weights, model_name=model_name), adapter).eval(), adapter
@@ -61,13 +89,68 @@ def build_base(
     name = model_name or adapter.model_name
     if not name:
         raise AdapterError(adapter.path, "records no timm model name to build the base model from: name one.")
-    if not timm.is_model(name):
-        raise AdapterError(adapter.path, f"records timm model {name!r}, unknown to timm {timm.__version__}.")
+    if not isinstance(name, str) or len(name) > 200 or not timm.is_model(name):
+        raise AdapterError(adapter.path, f"records timm model {name!r:.80}, unknown to timm {timm.__version__}.")
+    check_buildable(adapter, name)
     return create_backbone(name, adapter.num_classes, weights=weights, **adapter.model_kwargs)
 
 
+def check_buildable(adapter: Adapter, name: str) -> None:
+    """Builds the recorded base on the meta device first (no memory): timm must accept the adapter's
+    ``model_kwargs``, the result must not exceed ``MAX_BASE_PARAMETERS`` and must be the base it records."""
+    kwargs = adapter.model_kwargs
+    recorded = adapter.base_config or {}
+    clashes = [
+        f"{key}={str(value)[:40]} but base_config {key}={recorded[key]}"
+        for key, value in kwargs.items()
+        if key in recorded and value != recorded[key] and [value] * 2 != recorded[key]  # img_size 32 is [32, 32]
+    ]
+    depth = kwargs.get("depth", 1)
+    if clashes or not (isinstance(depth, int) and 0 < depth <= MAX_DEPTH):  # blocks cost time even on meta
+        raise AdapterError(
+            adapter.path, f"metadata 'model_kwargs' {str(kwargs)[:200]} disagree with the base it records: {clashes}."
+        )
+    try:
+        with torch.device("meta"):
+            skeleton = timm.create_model(name, pretrained=False, num_classes=adapter.num_classes, **kwargs)
+    except Exception as error:  # timm's constructors raise TypeError, AssertionError, ValueError...: all mean this
+        raise AdapterError(
+            adapter.path,
+            f"metadata 'model_kwargs' {str(kwargs)[:200]} do not build timm model {name!r} "
+            f"({type(error).__name__}: {str(error)[:200]}).",
+        ) from error
+    size = sum(parameter.numel() for parameter in skeleton.parameters())
+    if size > MAX_BASE_PARAMETERS:
+        raise AdapterError(
+            adapter.path, f"metadata 'model_kwargs' {str(kwargs)[:200]} make {name!r} a model of {size:,} parameters."
+        )
+    check_base_config(skeleton, adapter)
+
+
+def check_base_config(model: nn.Module, adapter: Adapter) -> None:
+    """Refuses a model whose forward pass differs from the adapter's base (heads, prefix tokens, pooling, norms)."""
+    differences = base_config_differences(adapter.base_config, model) if adapter.base_config else []
+    if differences:
+        raise AdapterError(
+            adapter.path,
+            f"the model is not the base the adapter was trained on: {', '.join(differences[:4])} (adapter != model).",
+        )
+
+
 def apply_adapter(model: nn.Module, adapter: Adapter, *, check_base: bool = True) -> nn.Module:
-    """:func:`load_adapter` for an adapter already read (from a vitlora file or another tool's format)."""
+    """:func:`load_adapter` for an adapter already read (from a vitlora file or another tool's format).
+
+    Args:
+        model: a plain timm model.
+        adapter: what :func:`~vitlora.read_adapter` or :func:`~vitlora.read_peft` returned.
+        check_base: check the base-weight fingerprint.
+
+    Returns:
+        ``model``, adapted in place.
+
+    Raises:
+        AdapterError: as :func:`load_adapter`; the model is then left exactly as it was.
+    """
     check_compatible(model, adapter, check_base)
     lora_sites_for(model, adapter)  # its LoRA config must fit before anything changes
     if adapter.prompt is not None:
@@ -140,6 +223,7 @@ def check_compatible(model: nn.Module, adapter: Adapter, check_base: bool) -> No
             adapter.path,
             f"adapter is for architecture {adapter.architecture!r}, the model is {architecture!r}.",
         )
+    check_base_config(model, adapter)
     if check_base and adapter.base_fingerprint is not None:
         fingerprint = base_fingerprint(model, exclude_biases=adapter.bias_tuning)
         if fingerprint != adapter.base_fingerprint:

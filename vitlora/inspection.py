@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vitlora.adapter import Adapter, AdapterError, read_adapter
+from vitlora.adapter import Adapter, AdapterError, class_labels, read_adapter
 from vitlora.charts import heatmap_image
 from vitlora.files import atomic_write, check_output_path
 from vitlora.targets import CLASSIFIER_NAMES, VALID_TARGETS, update_labels
@@ -60,8 +60,8 @@ class AdapterSummary:
 
     def __str__(self) -> str:
         a, config = self.adapter, self.adapter.config
-        names = a.labels
-        shown = ", ".join(names[:SHOWN_CLASSES]) + (", ..." if len(names) > SHOWN_CLASSES else "")
+        names = class_labels(a.class_names and a.class_names[:SHOWN_CLASSES], min(a.num_classes, SHOWN_CLASSES))
+        shown = ", ".join(names) + (", ..." if a.num_classes > SHOWN_CLASSES else "")
         lines = [
             f"adapter    {a.path} ({self.file_size / 1e3:.1f} KB)",
             f"base model {a.model_name or '?'} (architecture {a.architecture or '?'}), kwargs {a.model_kwargs}",

@@ -25,6 +25,7 @@ from vitlora.apply import build_model_with_adapter
 from vitlora.files import atomic_write, check_output_path
 from vitlora.lora import lora_modules, merge_lora
 from vitlora.targets import input_shape
+from vitlora.validation import with_payload_digest
 
 FORMATS = ("safetensors", "onnx")
 MERGED_FORMAT = "vitlora.merged"
@@ -55,6 +56,20 @@ def merge_adapter(
     a local base weights file). Metadata keeps the class names, the timm model name and
     kwargs, and where the weights came from (base fingerprint, adapter file and SHA-256).
     Nothing is written unless every check passes.
+
+    Args:
+        adapter_path: the adapter file.
+        output: ``.safetensors`` or ``.onnx`` (with ``format``).
+        weights: a local base weights file (offline machines).
+        format: ``safetensors`` or ``onnx``.
+        tolerance: the largest |onnx - torch| logit an ONNX export may show.
+
+    Returns:
+        ``output``.
+
+    Raises:
+        AdapterError: an unusable adapter, or one with prompt tokens (a plain model cannot hold them).
+        ExportError: an ONNX export that fails its check.
     """
     if format not in FORMATS:
         raise ValueError(f"{output}: unknown format {format!r}; choose one of {', '.join(FORMATS)}.")
@@ -73,9 +88,9 @@ def merge_adapter(
     metadata = merged_metadata(adapter)
     if format == "onnx":
         return export_onnx(model, output, metadata=metadata, tolerance=tolerance)
-    tensors = {key: tensor.detach().contiguous() for key, tensor in model.state_dict().items()}
+    tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in model.state_dict().items()}
     with atomic_write(output) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=with_payload_digest(tensors, metadata))
     return output
 
 
@@ -111,7 +126,19 @@ def export_onnx(
     onnxscript; the TorchScript exporter fails on EVA's attention). Input ``images``: float32
     ``(batch, C, H, W)``, normalised as for the torch model; output ``logits``. Before the file
     is kept, onnxruntime runs random batches of 2 and 3 and every logit must be within
-    ``tolerance`` of torch's, else :class:`ExportError` and no file.
+    ``tolerance`` of torch's.
+
+    Args:
+        model: a plain float32 CPU model in eval mode.
+        output: the ``.onnx`` file.
+        metadata: strings for the ONNX ``metadata_props``.
+        tolerance: the largest |onnx - torch| logit accepted.
+
+    Returns:
+        ``output``.
+
+    Raises:
+        ExportError: a model that cannot be exported, or a failed check (no file is left).
     """
     output = check_output_path(output, (".onnx",))
     if model.training or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):

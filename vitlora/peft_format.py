@@ -33,10 +33,13 @@ from safetensors.torch import save as serialize
 from torch import nn
 
 from vitlora.adapter import (
+    MAX_ALPHA,
     Adapter,
     AdapterError,
     adapter_header,
+    check_adapter_tensors,
     decode_adapter,
+    is_file,
     read_adapter,
     read_safetensors,
     resave_metadata,
@@ -69,6 +72,15 @@ from vitlora.targets import (
     unwrap,
 )
 from vitlora.trainable import bias_tuning_enabled, is_bias_name
+from vitlora.validation import (
+    PEFT_DTYPES,
+    InvalidJSON,
+    check_int,
+    check_json_type,
+    check_number,
+    decode_json,
+    with_payload_digest,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -97,6 +109,17 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, **metadata: Any)
     same base (the heads travel in ``modules_to_save``), DoRA included. ``metadata`` is
     :func:`vitlora.save_adapter`'s (``class_names``, ``model_name``, ...). EVA attention that
     reads ``qkv.weight`` directly also bypasses PEFT's layers: a warning says so.
+
+    Args:
+        model: a model with vitlora LoRA or DoRA (no prompt tokens, no tuned biases).
+        directory: the folder to write (``adapter_config.json``, ``adapter_model.safetensors``).
+        **metadata: as for :func:`vitlora.save_adapter`.
+
+    Returns:
+        ``directory``.
+
+    Raises:
+        ValueError: prompt tokens or tuned biases, which PEFT's LoRA cannot hold.
     """
     model = unwrap(model)
     config = lora_config(model)
@@ -132,9 +155,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, **metadata: Any)
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    tensors = {key: t.to("cpu").contiguous() for key, t in tensors.items()}
     payload = serialize(
-        {key: t.to("cpu").contiguous() for key, t in tensors.items()},
-        metadata={"format": "pt", HEADER_KEY: json.dumps(header)},
+        tensors, metadata=with_payload_digest(tensors, {"format": "pt", HEADER_KEY: json.dumps(header)})
     )
     adapted = {name for name, _ in modules}
     bypassed = [name for name in rerouted_attention(model) if f"{name}.qkv" in adapted]
@@ -190,8 +213,18 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, check_base: b
     """Loads a PEFT LoRA adapter folder onto a plain timm model as vitlora LoRA; returns the model.
 
     Same logits as PEFT gives (on EVA's fused qkv: as PEFT would if it reached that layer).
-    Errors are :class:`vitlora.AdapterError` naming the file and problem, and leave the model
-    untouched, as :func:`vitlora.load_adapter` does; ``check_base`` applies to folders vitlora wrote.
+
+    Args:
+        model: a plain timm model with the base weights the adapter was trained on.
+        directory: a PEFT LoRA/DoRA folder.
+        check_base: check the base-weight fingerprint (folders vitlora wrote record one).
+
+    Returns:
+        ``model``, adapted in place.
+
+    Raises:
+        AdapterError: naming the file and the problem (options vitlora cannot represent are
+            named); the model is then left untouched.
     """
     return apply_adapter(model, read_peft(directory, base=model), check_base=check_base)
 
@@ -203,8 +236,22 @@ def convert_adapter(
     weights: str | os.PathLike | None = None,
     model_name: str | None = None,
 ) -> Path:
-    """vitlora file -> PEFT folder, or PEFT folder -> vitlora file (direction from the paths), through the
-    base model both belong on (``weights``: a local base file; ``model_name``: for PEFT folders naming none)."""
+    """vitlora file -> PEFT folder, or PEFT folder -> vitlora file (direction from the paths).
+
+    Goes through the base model both belong on, so the result is checked on real weights.
+
+    Args:
+        source: a vitlora ``.safetensors`` adapter or a PEFT folder.
+        output: a PEFT folder, or a ``.safetensors`` file for a PEFT source.
+        weights: a local base weights file (offline machines).
+        model_name: the timm model, for PEFT folders that name none.
+
+    Returns:
+        ``output``.
+
+    Raises:
+        AdapterError: an unusable source or one that names no model; ValueError: two paths of one kind.
+    """
     source, output = Path(source), Path(output)
     to_peft = source.suffix == ".safetensors"
     if to_peft == (output.suffix == ".safetensors"):
@@ -227,24 +274,34 @@ def read_peft(directory: str | os.PathLike, base: nn.Module | None = None) -> Ad
     fused qkv (q and v) comes back as such only if the other rows' magnitudes are still the
     row norms of ``base`` (the model it will load onto); without ``base`` it keeps PEFT's
     whole-layer form, which gives the same logits.
+
+    Args:
+        directory: a PEFT LoRA/DoRA folder.
+        base: the plain model it will load onto, only read (DoRA k rows, PEFT's ``bias`` modes).
+
+    Returns:
+        The folder as an :class:`~vitlora.Adapter`.
+
+    Raises:
+        AdapterError: naming the file and the problem.
     """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     peft_config = _read_config(config_path)
-    if not weights_path.is_file():
+    if not is_file(weights_path):
         found = " (vitlora never unpickles adapter_model.bin: save it with safe_serialization=True)"
         raise AdapterError(
             weights_path, "no such file" + (found if (directory / "adapter_model.bin").exists() else ".")
         )
-    metadata, tensors = read_safetensors(weights_path)
+    metadata, tensors = read_safetensors(weights_path, PEFT_DTYPES)
     tensors, biases = _take_biases(tensors)
     pairs, heads = _split_tensors(weights_path, tensors, use_dora=bool(peft_config.get("use_dora")))
     tuned_biases = _tuned_biases(config_path, peft_config.get("bias", "none"), biases, base)
     generic = _peft_lora_config(config_path, peft_config, pairs)
-    exported = _exported_header(weights_path, metadata)
+    exported = _exported_header(weights_path, metadata, use_dora=generic.use_dora)
     restored = _restore_vitlora_layout(exported.config, pairs, base) if exported else None
     config, lora = (exported.config, restored) if restored else (generic, _vitlora_names(pairs))
-    return Adapter(
+    adapter = Adapter(
         path=directory,
         config=config,
         tensors={**lora, **tuned_biases, **_heads_left_on_base(heads, base)},
@@ -255,16 +312,23 @@ def read_peft(directory: str | os.PathLike, base: nn.Module | None = None) -> Ad
         base_fingerprint=exported.base_fingerprint if exported else None,
         metadata=exported.metadata if exported else {},
         bias_tuning=bool(tuned_biases),
+        base_config=exported.base_config if exported else None,
     )
+    check_adapter_tensors(adapter)
+    return adapter
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not is_file(path):
         raise AdapterError(path, "no such file: not a PEFT adapter folder.")
     try:
-        peft_config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise AdapterError(path, f"not valid JSON ({error}).") from error
+        peft_config = decode_json(path.read_text(), "the config")
+    except InvalidJSON as error:
+        raise AdapterError(path, f"not valid JSON ({error.__cause__}).") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise AdapterError(path, f"cannot be read as text ({type(error).__name__}: {error}).") from error
+    except ValueError as error:
+        raise AdapterError(path, str(error)) from error
     if not isinstance(peft_config, dict) or peft_config.get("peft_type") != "LORA":
         kind = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
         raise AdapterError(path, f"not a PEFT LoRA adapter (peft_type is {kind!r}).")
@@ -273,6 +337,7 @@ def _read_config(path: Path) -> dict[str, Any]:
             raise AdapterError(path, f"PEFT option {option}={peft_config[option]!r} is not supported by vitlora.")
     if peft_config.get("use_dora") not in (True, False, None):
         raise AdapterError(path, f"PEFT option use_dora={peft_config['use_dora']!r} is not true or false.")
+    _check_config_types(path, peft_config)
     init = peft_config.get("init_lora_weights", True)
     if not (isinstance(init, bool) or init in _PLAIN_INITS):
         raise AdapterError(
@@ -288,6 +353,20 @@ def _read_config(path: Path) -> dict[str, Any]:
             path, f"modules_to_save {extra} are not supported: vitlora adapters carry only {list(_SAVED_HEADS)}."
         )
     return peft_config
+
+
+def _check_config_types(path: Path, peft_config: Mapping[str, Any]) -> None:
+    """PEFT's numbers and flags, each of its JSON type and finite: ``"use_rslora": "no"`` is refused, not true."""
+    try:
+        check_int(peft_config.get("r", 8), "r", 1, 2**20)
+        check_number(peft_config.get("lora_alpha", 8), "lora_alpha", 0.0, MAX_ALPHA * 2**10)
+        check_number(peft_config.get("lora_dropout", 0.0), "lora_dropout", 0.0, 1.0)
+        check_json_type(peft_config.get("use_rslora", False), "use_rslora", bool)
+        check_json_type(peft_config.get("base_model_name_or_path") or "", "base_model_name_or_path", str)
+        for module in check_json_type(peft_config.get("modules_to_save") or [], "modules_to_save", list):
+            check_json_type(module, "modules_to_save entry", str)
+    except ValueError as error:
+        raise AdapterError(path, f"PEFT option {error}") from error
 
 
 def _split_tensors(
@@ -338,7 +417,7 @@ def _split_tensors(
         )
     if not pairs:
         raise AdapterError(path, "holds no LoRA tensors.")
-    if "head.weight" not in heads:
+    if "head.weight" not in heads or heads["head.weight"].ndim != 2:
         raise AdapterError(
             path, "holds no classifier head: vitlora adapters carry it (train with modules_to_save=['head'])."
         )
@@ -458,17 +537,23 @@ def _tuned_biases(
     return {name: biases.get(name, own[name]).to("cpu", copy=True) for name in own}
 
 
-def _exported_header(path: Path, metadata: Mapping[str, str]) -> Adapter | None:
-    """vitlora's header from a folder it exported (None for other folders), decoded and validated."""
+def _exported_header(path: Path, metadata: Mapping[str, str], use_dora: bool) -> Adapter | None:
+    """vitlora's header from a folder it exported (None for other folders), decoded and validated: a LoRA
+    adapter (export_peft writes no other) whose DoRA flag agrees with the PEFT config's."""
     if HEADER_KEY not in metadata:
         return None
     try:
-        header = json.loads(metadata[HEADER_KEY])
+        header = decode_json(metadata[HEADER_KEY], f"metadata {HEADER_KEY!r}", dict)
     except ValueError as error:
-        raise AdapterError(path, f"metadata {HEADER_KEY!r} is not valid JSON ({error}).") from error
-    if not isinstance(header, dict):
-        raise AdapterError(path, f"metadata {HEADER_KEY!r} is not a vitlora adapter header.")
-    return decode_adapter(path, header, {})
+        raise AdapterError(path, str(error)) from error
+    exported = decode_adapter(path, header, {})
+    if exported.config is None or exported.prompt is not None or exported.bias_tuning:
+        raise AdapterError(path, f"metadata {HEADER_KEY!r} is not the header of a LoRA adapter vitlora exports.")
+    if exported.config.use_dora != use_dora:
+        raise AdapterError(
+            path, f"metadata {HEADER_KEY!r} says use_dora {exported.config.use_dora}, the PEFT config {use_dora}."
+        )
+    return exported
 
 
 def _magnitude_on_every_row(layer: LoRALinear) -> torch.Tensor:
