@@ -35,11 +35,15 @@ from vitlora.trainable import freeze_base
 class LoRAConfig:
     """What to adapt and how strongly.
 
-    ``targets``: any of ``q k v`` (one update per projection, fused or not), ``qkv`` (the
-    fused projection as a single update, as PEFT does; on separate projections it means
-    q, k and v), ``proj``, ``fc1`` (both SwiGLU inputs), ``fc2``. ``blocks``: None for all,
-    or block indices, negative ones counting from the end. ``use_dora``: weight-decomposed
-    LoRA (Liu et al. 2024), see :class:`LoRALinear`.
+    Attributes:
+        rank: Rank r of each update B·A.
+        alpha: Scale: updates are multiplied by alpha / rank (alpha / sqrt(rank) with use_rslora).
+        dropout: Dropout on the LoRA path's input.
+        targets: Any of q k v (one update per projection, fused or not), qkv (the fused
+            projection as a single update, as PEFT does), proj, fc1 (both SwiGLU inputs), fc2.
+        blocks: Block indices to adapt (negative ones count from the end); null for all.
+        use_rslora: Rank-stabilised scaling alpha / sqrt(rank).
+        use_dora: Weight-decomposed LoRA (Liu et al. 2024), see LoRALinear.
     """
 
     rank: int = 8
