@@ -206,7 +206,7 @@ def test_inspect_prints_the_summary_and_writes_the_heatmap(workspace, fruit_adap
     assert [line.split()[:2] for line in out.splitlines() if line[:5].strip().isdigit()] == [
         ["0", "q"], ["0", "v"], ["1", "q"], ["1", "v"],
     ]  # fmt: skip
-    assert Image.open(workspace / "updates.png").size[1] > 2 * 16
+    assert Image.open(workspace / "updates.png").size[1] >= 360
 
 
 def test_convert_to_peft_and_back(workspace, lora_run, tmp_path):

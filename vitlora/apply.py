@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vitlora.adapter import Adapter, AdapterError, architecture_of, base_fingerprint, read_adapter
-from vitlora.backbone import create_backbone
+from vitlora.backbone import create_backbone, recorded_weights
 from vitlora.lora import inject_lora, lora_modules
 from vitlora.prompts import add_prompt_tokens, check_promptable, prompt_config
 from vitlora.rollback import rollback_on_error
@@ -47,7 +47,8 @@ def build_model_with_adapter(
     ``source``: an adapter file, or an :class:`Adapter` already read (e.g. from a PEFT folder).
     The base is the timm model it records (``model_name``, or the one given, and
     ``model_kwargs``) on its pretrained weights: from the timm hub, or from ``weights`` (a
-    local file, for offline machines). The base-weight fingerprint is checked as in
+    local file, for offline machines; default: the local file the adapter records, if it still
+    exists). The base-weight fingerprint is checked as in
     :func:`load_adapter`.
     """
     adapter = source if isinstance(source, Adapter) else read_adapter(source)
@@ -63,6 +64,8 @@ def build_base(
         raise AdapterError(adapter.path, "records no timm model name to build the base model from: name one.")
     if not timm.is_model(name):
         raise AdapterError(adapter.path, f"records timm model {name!r}, unknown to timm {timm.__version__}.")
+    if weights is None:  # the local file the adapter was trained on, when it is still where it was
+        weights = recorded_weights(adapter.metadata.get("base_weights"), str(adapter.path))
     return create_backbone(name, adapter.num_classes, weights=weights, **adapter.model_kwargs)
 
 

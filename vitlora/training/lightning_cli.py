@@ -12,8 +12,11 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.cli import LightningCLI
 
 from vitlora.training.data import ImageDataModule
+from vitlora.training.logging import place_run_logger
 from vitlora.training.module import ImageClassifier
 from vitlora.training.predictions import PredictionWriter
+from vitlora.training.quiet import quiet_lightning
+from vitlora.training.run_summary import RunSummary
 
 
 class VitloraCLI(LightningCLI):
@@ -24,19 +27,24 @@ class VitloraCLI(LightningCLI):
         parser.link_arguments("seed_everything", "model.seed")
         parser.link_arguments("seed_everything", "data.seed")
 
+    def before_instantiate_classes(self) -> None:
+        place_run_logger(self.config[self.subcommand] if self.subcommand else self.config, self.subcommand or "")
+
 
 def trainer_defaults() -> dict:
     return {
         "logger": {
             "class_path": "vitlora.training.logging.RunLogger",
-            "init_args": {"save_dir": "runs", "name": "vitlora"},
+            "init_args": {"save_dir": None, "name": "vitlora"},
         },
         "callbacks": [
             ModelCheckpoint(monitor="val/top1", mode="max", save_last=True, filename="best-{epoch}-{step}"),
             LearningRateMonitor(logging_interval="step"),
             PredictionWriter(),
+            RunSummary(),
         ],
         "log_every_n_steps": 10,
+        "enable_model_summary": False,  # ImageClassifier prints its own: parameters by group, trainable %
     }
 
 
@@ -48,6 +56,7 @@ def build_cli(args: list[str] | None, *, run: bool = True, callbacks: Sequence[C
         run: False only parses and instantiates, for callers that drive the trainer themselves.
         callbacks: extra trainer callbacks, after the defaults.
     """
+    quiet_lightning()
     defaults = trainer_defaults()
     defaults["callbacks"] += list(callbacks)
     return VitloraCLI(
