@@ -334,3 +334,31 @@ def test_convert_a_peft_adapter_of_the_real_vit_ti(tmp_path):
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(vitlora_model(x), peft_model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_an_adapter_finds_its_recorded_local_base_and_names_it_when_moved(workspace, fruit_adapter, tmp_path):
+    source = read_adapter(fruit_adapter).metadata["base_weights"]
+    assert source["path"] == str(workspace / "base.safetensors") and len(source["sha256"]) == 64
+    main(["merge", str(fruit_adapter), "--output", str(tmp_path / "merged.safetensors")])  # no --weights needed
+    moved = tmp_path / "base-moved.safetensors"
+    (workspace / "base.safetensors").rename(moved)
+    try:
+        with pytest.raises(SystemExit, match=r"base\.safetensors .*no longer at .*: pass --weights"):
+            main(["merge", str(fruit_adapter), "--output", str(tmp_path / "again.safetensors")])
+    finally:
+        moved.rename(workspace / "base.safetensors")
+
+
+def test_runs_follow_default_root_dir_and_evaluations_go_into_the_run(tmp_path, workspace):
+    common = ["--config", str(RECIPE), "--data.root", str(workspace / "data")]
+    common += ["--model.weights", str(workspace / "base.safetensors")]
+    main(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "mine")])
+    run_dir = tmp_path / "mine" / "vitlora" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "training_curves.png").is_file()
+    rows = list(csv.DictReader((run_dir / "metrics.csv").read_text().splitlines()))
+    assert any(row.get("train/loss") for row in rows)  # 2 steps < log_every_n_steps: still logged
+    for command in ("validate", "test"):
+        main([command, *common, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
+        assert (run_dir / command / "metrics.csv").is_file()
+    assert (run_dir / "test" / "confusion_matrix.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "mine" / "vitlora").iterdir()) == ["version_0"]

@@ -149,11 +149,9 @@ def write_update_heatmap(summary: AdapterSummary, path: str | os.PathLike) -> Pa
 
     Blocks between adapted ones are drawn grey, so a gap in ``LoRAConfig.blocks`` shows."""
     path = check_output_path(path, (".png",))
-    image = heatmap_image(
-        *update_norm_table(summary),
-        title=f"LoRA update size per block and target ({summary.adapter.path.name})",
-        scale_label="||ΔW||_F (Frobenius norm of the update)",
-    )
+    values, blocks, targets = update_norm_table(summary)
+    title = f"LoRA update size per block and target ({summary.adapter.path.name})"
+    image = heatmap_image(values, title, blocks, targets, "||ΔW||_F (Frobenius norm of the update)")
     with atomic_write(path) as tmp:
         image.save(tmp, format="PNG")
     return path

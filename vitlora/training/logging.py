@@ -53,17 +53,17 @@ def place_run_logger(config, subcommand: str) -> None:
     """Where a run logger without an explicit ``save_dir`` writes (``config``: the subcommand's namespace).
 
     fit: under ``--trainer.default_root_dir`` (default ``runs``). validate, test and predict of a
-    checkpoint in ``<run>/checkpoints/``: into ``<run>/<subcommand>/``, beside the fit that made it.
+    checkpoint in ``<run>/checkpoints/``: into ``<run>/<subcommand>/``, beside the fit that made it
+    (also with the run's own ``config.yaml``), unless a logger ``version`` is given.
     """
     logger = config.trainer.logger
     if not hasattr(logger, "init_args") or not str(logger.class_path).endswith("RunLogger"):
         return
-    if logger.init_args.get("save_dir") is not None:
-        return
     ckpt = Path(config.get("ckpt_path") or "")
-    if subcommand in ("validate", "test", "predict") and ckpt.parent.name == "checkpoints":
-        run = ckpt.resolve().parent.parent
+    evaluating = subcommand in ("validate", "test", "predict") and ckpt.parent.name == "checkpoints"
+    if evaluating and logger.init_args.get("version") is None:  # a new version_N is never the place for it
+        run = ckpt.parent.parent
         logger.init_args.save_dir, logger.init_args.name = str(run.parent.parent), run.parent.name
         logger.init_args.version, logger.init_args.sub_dir = run.name, subcommand
-    else:
+    elif logger.init_args.get("save_dir") is None:
         logger.init_args.save_dir = config.trainer.get("default_root_dir") or "runs"

@@ -31,16 +31,17 @@ def write_test_report(folder: Path, class_names: list[str], per_class: torch.Ten
 def confusion_image(confusion: torch.Tensor, class_names: list[str], pairs: int = 25) -> Image.Image:
     """Rows are true classes, columns predictions, shaded by the row-normalised rate, every class
     named; beside it the ``pairs`` most confused (true -> predicted) pairs with their rates."""
-    rates = confusion.float() / confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    support = confusion.sum(dim=1, keepdim=True)
+    rates = torch.where(support > 0, confusion.float() / support.clamp(min=1), float("nan"))  # grey: no images
     n = len(class_names)
-    font = 10 if n <= 20 else max(5.0, 10 - n / 16)
-    side = max(500, int(n * font * 1.7) + 200)
-    figure = new_figure((side + 420, side + 60))
-    grid = figure.add_gridspec(1, 2, width_ratios=[side, 420])
+    font = 10 if n <= 20 else 7
+    side = max(500, n * (2 * font) + 320)  # two points of height per point of font: names never overlap
+    figure = new_figure((side + 560, side + 60))
+    grid = figure.add_gridspec(1, 2, width_ratios=[side, 560])
     axes = figure.add_subplot(grid[0])
     draw_heatmap(figure, axes, rates, class_names, class_names, "share of the true class's images", 1.0, font)
     axes.set_xlabel("predicted class")
-    axes.set_ylabel("true class")
+    axes.set_ylabel("true class (grey: no images)")
     axes.set_title("Confusion matrix (rows normalised: each row sums to 1)")
     listing = figure.add_subplot(grid[1])
     listing.axis("off")
@@ -65,7 +66,7 @@ def most_confused(confusion: torch.Tensor, class_names: list[str], count: int) -
     order = [int(i) for i in off.flatten().argsort(descending=True)[:count] if off.flatten()[i] > 0]
     n = confusion.shape[1]
     return [
-        f"{class_names[i // n][:22]:>22} -> {class_names[i % n][:22]:<22} {off[i // n, i % n] / support[i // n]:4.0%} "
+        f"{class_names[i // n][:24]:>24} -> {class_names[i % n][:24]:<24} {off[i // n, i % n] / support[i // n]:4.0%} "
         f"({int(off[i // n, i % n])})"
         for i in order
     ]
