@@ -362,3 +362,13 @@ def test_runs_follow_default_root_dir_and_evaluations_go_into_the_run(tmp_path, 
         assert (run_dir / command / "metrics.csv").is_file()
     assert (run_dir / "test" / "confusion_matrix.png").is_file()
     assert sorted(p.name for p in (tmp_path / "mine" / "vitlora").iterdir()) == ["version_0"]
+
+
+def test_checkpoints_keep_the_weights_path_absolute_for_export_from_anywhere(tmp_path, workspace, monkeypatch):
+    monkeypatch.chdir(workspace)
+    folder = run(workspace, "fit", name="relative", options=("--model.weights", "base.safetensors"))
+    checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["weights"] == str(workspace / "base.safetensors")
+    monkeypatch.chdir(tmp_path)
+    main(["export", "--ckpt_path", str(folder / "checkpoints" / "last.ckpt"), "--output", "a.safetensors"])
+    assert read_adapter(tmp_path / "a.safetensors").metadata["base_weights"]["file"] == "base.safetensors"

@@ -142,13 +142,8 @@ def classify_command(argv: list[str]) -> None:
         raise SystemExit(f"{args.output}: the output must end in .csv or .json.")
     from vitlora.inference import classify, write_predictions
 
-    rows = classify(
-        args.adapter,
-        args.inputs,
-        weights=args.weights,
-        top_k=args.top_k,
-        batch_size=args.batch_size,
-    )
+    with exit_on_bad_input("classify"):
+        rows = classify(args.adapter, args.inputs, weights=args.weights, top_k=args.top_k, batch_size=args.batch_size)
     write_predictions(rows, args.output)
     failed = sum(1 for row in rows if row["error"])
     print(f"wrote {len(rows)} predictions to {args.output}" + (f" ({failed} unreadable)" if failed else ""))

@@ -6,11 +6,14 @@ running, to drive the trainer itself with extra callbacks.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from vitlora.backbone import WeightsUnavailable
+from vitlora.datasets import DatasetError
 from vitlora.training.data import ImageDataModule
 from vitlora.training.logging import place_run_logger
 from vitlora.training.module import ImageClassifier
@@ -59,12 +62,16 @@ def build_cli(args: list[str] | None, *, run: bool = True, callbacks: Sequence[C
     quiet_lightning()
     defaults = trainer_defaults()
     defaults["callbacks"] += list(callbacks)
-    return VitloraCLI(
-        ImageClassifier,
-        ImageDataModule,
-        trainer_defaults=defaults,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        run=run,
-        args=args,
-    )
+    try:
+        return VitloraCLI(
+            ImageClassifier,
+            ImageDataModule,
+            trainer_defaults=defaults,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            run=run,
+            args=args,
+        )
+    except (DatasetError, WeightsUnavailable, FileNotFoundError) as error:  # they name the path and the fix
+        command = (args or sys.argv[1:] or ["fit"])[0]
+        raise SystemExit(f"vitlora {command}: {error}") from error

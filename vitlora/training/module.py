@@ -111,6 +111,7 @@ class ImageClassifier(L.LightningModule):
         if weights:  # checkpoints rebuild the base from here: keep it valid from any working directory
             weights = str(Path(weights).resolve())
         self.save_hyperparameters(ignore=["lora", "prompt"])
+        self.hparams["weights"] = weights  # resolved (LightningCLI hands over its raw config as hparams)
         self.hparams["lora"] = asdict(lora)
         self.hparams["prompt"] = asdict(prompt) if prompt is not None else None
         kwargs = dict(model_kwargs or {})

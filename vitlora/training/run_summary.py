@@ -63,7 +63,9 @@ class RunSummary(Callback):
         config = shlex.quote(str(folder / "config.yaml"))
         if pl_module.hparams.method != "full":
             print(f"next: vitlora export --ckpt_path {quoted} --output adapter.safetensors")
-        print(f"      vitlora test --config {config} --ckpt_path {quoted}")
+        data = trainer.datamodule
+        evaluate = "test" if data is None or "test" in getattr(data.index, "splits", {"test": 0}) else "validate"
+        print(f"      vitlora {evaluate} --config {config} --ckpt_path {quoted}")
 
 
 def describe_data(data) -> str:
