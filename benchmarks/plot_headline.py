@@ -1,6 +1,6 @@
 """The README's headline chart, drawn from the 12-epoch Grocery Store rows of benchmarks/RESULTS.md.
 
-    python benchmarks/plot_headline.py docs/headline.png
+python benchmarks/plot_headline.py docs/headline.png
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ PANELS = (
 
 def main(output: str) -> None:
     figure = new_figure((1200, 330))
-    figure.suptitle("ViT-Ti on Grocery Store (81 classes, 296 val photos), 12 epochs (linear probe 8: it plateaus by 6)")
+    figure.suptitle(
+        "ViT-Ti on Grocery Store (81 classes, 296 val photos), 12 epochs (linear probe 8: it plateaus by 6)"
+    )
     names = list(ROWS)
     for axes, (title, column, fmt) in zip(figure.subplots(1, len(PANELS)), PANELS, strict=True):
         values = [ROWS[name][column] for name in names]
