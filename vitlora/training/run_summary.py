@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 
 CURVES_FILE = "training_curves.png"
 
@@ -20,12 +19,14 @@ class RunSummary(Callback):
     def __init__(self) -> None:
         self.validations: list[dict[str, float]] = []
 
-    @rank_zero_only
     def on_fit_start(self, trainer, pl_module) -> None:
+        folder = trainer.log_dir  # a collective under DDP: every rank asks, rank 0 prints
+        if not trainer.is_global_zero:
+            return
         data = trainer.datamodule
         if data is not None and hasattr(data, "index"):
             print(describe_data(data))
-        print(f"run folder: {trainer.log_dir}   (watch it: tensorboard --logdir {Path(trainer.log_dir).parent})")
+        print(f"run folder: {folder}   (watch it: tensorboard --logdir {Path(folder).parent})")
 
     def on_train_start(self, trainer, pl_module) -> None:
         """Short epochs still log train/loss: Lightning logs every n-th step, n at most an epoch's steps."""
@@ -41,11 +42,12 @@ class RunSummary(Callback):
         if trainer.is_global_zero and (trainer.progress_bar_callback is None or not sys.stdout.isatty()):
             print(epoch_line(self.validations[-1], trainer.max_epochs), flush=True)
 
-    @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
         from vitlora.training.report import write_training_curves
 
-        folder = Path(trainer.log_dir)
+        folder = Path(trainer.log_dir)  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
         rows = getattr(trainer.logger, "rows", None)
         if rows:
             print(f"training curves: {write_training_curves(rows, folder / CURVES_FILE)}")
