@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never ask the hub: no traffic leaves this machine
+
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,5 @@
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ def test_manifest_problems_are_named(tmp_path):
     with pytest.raises(DatasetError, match=r"train\.txt:1: unknown fine label 7"):
         read_dataset(tmp_path / "g")
     with pytest.raises(DatasetError, match="cannot tell the dataset layout"):
-        read_dataset(tmp_path / "g" / "train")
+        read_dataset(tmp_path / "g" / "train" / "a")  # images, but no class folders
     manifest.write_text("path,label,split\ntrain/apple/apple_0.png,,train\n")
     with pytest.raises(DatasetError, match=r"manifest\.csv:2: a row needs both a path and a label"):
         read_dataset(tmp_path)
@@ -236,3 +237,62 @@ def test_training_augmentations_are_configurable(tmp_path, augment):
     assert (expected.get(augment) in names) if augment else len(names) == 4
     data.setup("fit")
     assert next(iter(data.train_dataloader()))[0].shape == (4, 3, 32, 32)
+
+
+def test_flat_class_folders_are_all_train_and_val_is_carved_per_class(tmp_path):
+    make_image_folder(tmp_path, per_split={"train": 5})
+    for class_dir in (tmp_path / "train").iterdir():
+        class_dir.rename(tmp_path / class_dir.name)  # PHOTOS/<class>/*.png
+    (tmp_path / "train").rmdir()
+    (tmp_path / ".thumbnails").mkdir()  # hidden folders are no class
+    index = read_dataset(tmp_path)
+    assert index.class_names == ["apple", "banana", "cherry"] and list(index.splits) == ["train"]
+    assert index.layout.startswith("folder") and len(index.splits["train"]) == 15
+    data = module(tmp_path, val_fraction=0.1)  # 10% of 5 rounds to 0: every class still gets one val image
+    assert sorted(label for _, label in data.index.splits["val"]) == [0, 1, 2]
+    again = module(tmp_path, val_fraction=0.1).index.splits["val"]
+    assert again == data.index.splits["val"]  # seeded
+
+
+def test_a_csv_file_as_root_or_the_one_csv_in_a_folder_with_other_column_names(tmp_path):
+    make_image_folder(tmp_path / "photos", per_split={"train": 2})
+    rows = [f"photos/train/{c}/{c}_{i}.png,{c}" for c in ("apple", "banana") for i in range(2)]
+    (tmp_path / "labels.csv").write_text("image,class\n" + "\n".join(rows) + "\n")
+    for root in (tmp_path / "labels.csv", tmp_path):
+        index = read_dataset(root)
+        assert index.class_names == ["apple", "banana"] and len(index.splits["train"]) == 4
+        assert index.layout == "csv (labels.csv)"
+
+
+def test_a_missing_root_is_an_error_naming_it_and_never_a_download(tmp_path, monkeypatch):
+    import vitlora.training.download as download
+
+    monkeypatch.setattr(download, "download_grocery_store", lambda root: pytest.fail(f"downloaded into {root}"))
+    with pytest.raises(DatasetError, match=r"my_photoz: dataset folder does not exist"):
+        _ = module(tmp_path / "my_photoz", download=True).index
+    (tmp_path / "loose.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"cannot tell the dataset layout \(1 images but no class folders\)"):
+        read_dataset(tmp_path)
+
+
+def test_download_fills_only_the_default_grocery_root(tmp_path, monkeypatch):
+    import vitlora.training.download as download
+
+    fetched = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        download,
+        "download_grocery_store",
+        lambda root: fetched.append(root) or write_grocery(root, ["train/a/a_0.png, 0, 0"]),
+    )
+    assert module("data/grocery-store", download=True).num_classes == 2 and fetched == [Path("data/grocery-store")]
+
+
+def test_skipped_images_are_counted_per_split(tmp_path):
+    make_image_folder(tmp_path)
+    (tmp_path / "val/apple/apple_0.png").write_bytes(b"garbage")
+    data = module(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data.setup("fit")
+    assert data.skipped == {"train": 0, "val": 1}

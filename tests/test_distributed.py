@@ -93,8 +93,9 @@ def test_rank_zero_alone_writes_the_run_and_its_checkpoint_exports_the_same_adap
         "version_0/config.yaml",
         "version_0/hparams.yaml",
         "version_0/metrics.csv",
+        "version_0/training_curves.png",
     ]
-    assert len(files) == 6  # one events file: rank 1 logs nothing
+    assert len(files) == 7  # one events file: rank 1 logs nothing
     adapters = {
         name: read_adapter(
             export_adapter(

@@ -10,6 +10,8 @@ import pytest
 import timm
 import torch
 
+import vitlora.backbone
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted([README, *(ROOT / "docs").glob("*.md")])
@@ -27,6 +29,8 @@ def offline_timm(monkeypatch, tmp_path):
         return model
 
     monkeypatch.setattr(timm, "create_model", offline_create_model)
+    monkeypatch.setattr(vitlora.backbone, "hub_cached_file", lambda name: None)  # the stand-in, never a cache
+    monkeypatch.setattr(vitlora.backbone, "hub_unreachable", lambda name: None)  # the stand-in needs no hub
     monkeypatch.chdir(tmp_path)  # examples may write files next to them
 
 

@@ -72,8 +72,8 @@ def test_the_command_streams_csv_and_refuses_other_suffixes(catalog, capsys):
     output = catalog / "cli.csv"
     main(["classify", str(catalog / "fruit.safetensors"), str(catalog / "data" / "val"), "--output", str(output),
           "--weights", str(catalog / "base.safetensors"), "--num-workers", "0", "--no-progress"])  # fmt: skip
-    assert "wrote 9 predictions" in capsys.readouterr().out and len(read_rows(output)) == 9
-    with pytest.raises(SystemExit, match=r"preds\.txt: the output must end in \.csv, \.jsonl or \.json"):
+    assert "9 of 9 images classified" in capsys.readouterr().out and len(read_rows(output)) == 9
+    with pytest.raises(SystemExit, match=r"preds\.txt: the output must end in \.csv or \.jsonl or \.json"):
         main(["classify", str(catalog / "fruit.safetensors"), str(catalog / "data"), "--output", "preds.txt"])
     with pytest.raises(ValueError, match=r"must end in \.csv or \.jsonl"):
         classify_files(catalog / "fruit.safetensors", [catalog / "data"], catalog / "x.json")

@@ -114,9 +114,9 @@ def test_heatmap_shades_each_block_and_target_by_its_norm(known_adapter, tmp_pat
     summary = inspect_adapter(known_adapter)
     path = write_update_heatmap(summary, tmp_path / "updates.png")
     norms = torch.tensor([[math.hypot(*KNOWN[b, t]) for t in ("q", "v", "fc2")] for b in (0, 1)])
-    expected = heatmap_image(
-        norms / 6.0, "||dW||_F per block and target, darkest = 6", ["block 0", "block 1"], ["q", "v", "fc2"], cell=16
-    )
+    title = "LoRA update size per block and target (known.safetensors)"
+    scale = "||ΔW||_F (Frobenius norm of the update)"
+    expected = heatmap_image(norms, title, ["block 0", "block 1"], ["q", "v", "fc2"], scale_label=scale)
     difference = ImageChops.difference(Image.open(path).convert("RGB"), expected)
     assert max(high for _, high in difference.getextrema()) <= 1  # float32 norms may round a shade either way
     assert sorted(p.name for p in tmp_path.iterdir()) == ["known.safetensors", "updates.png"]

@@ -19,7 +19,7 @@ from conftest import IMG_SIZE, TINY, make_adapter, make_workspace
 from PIL import Image
 
 from vitlora import AdapterError, LoRAConfig
-from vitlora.cli import classify
+from vitlora.inference import classify
 from vitlora.serving import AdapterRegistry, BaseSpec, Limits, RequestError
 from vitlora.serving.limits import check_top_k, decode_image
 

@@ -21,7 +21,7 @@ from vitlora.adapter import (
     base_fingerprint,
     read_adapter,
 )
-from vitlora.backbone import create_backbone
+from vitlora.backbone import create_backbone, recorded_weights
 from vitlora.lora import inject_lora, lora_modules
 from vitlora.prompts import add_prompt_tokens, check_promptable, prompt_config
 from vitlora.rollback import rollback_on_error
@@ -68,7 +68,8 @@ def build_model_with_adapter(
 
     Args:
         source: an adapter file, or an :class:`Adapter` already read (e.g. from a PEFT folder).
-        weights: a local base weights file (offline machines); else the timm hub.
+        weights: a local base weights file (offline machines); default: the local file the adapter
+            records, if it is still where it was, else the timm hub.
         model_name: the timm model, for adapters that record none.
 
     Returns:
@@ -92,6 +93,8 @@ def build_base(
     if not isinstance(name, str) or len(name) > 200 or not timm.is_model(name):
         raise AdapterError(adapter.path, f"records timm model {name!r:.80}, unknown to timm {timm.__version__}.")
     check_buildable(adapter, name)
+    if weights is None:  # the local file the adapter was trained on, when it is still where it was
+        weights = recorded_weights(adapter.metadata.get("base_weights"), str(adapter.path))
     return create_backbone(name, adapter.num_classes, weights=weights, **adapter.model_kwargs)
 
 

@@ -2,8 +2,9 @@
 
 Layouts (``layout="auto"`` detects them from ``root``):
 - ``grocery``: ``train.txt``/``val.txt``/``test.txt`` + ``classes.csv`` (Grocery Store dataset).
-- ``folder``: ``root/{train,val,test}/<class>/<image>``.
-- ``csv``: a manifest ``path,label[,split]`` (paths relative to the manifest's folder).
+- ``folder``: ``root/{train,val,test}/<class>/<image>``, or just ``root/<class>/<image>`` (all train).
+- ``csv``: a manifest ``path,label[,split]`` (paths relative to the manifest's folder): ``root``
+  itself when it is a ``.csv`` file, else ``root/manifest.csv`` or the one ``.csv`` in ``root``.
 
 Every layout becomes a list of ``(path, class index)`` per split plus the class names, checked
 at set-up (missing files, unknown labels, empty classes) before any training starts.
@@ -45,22 +46,55 @@ class DatasetIndex:
 
     class_names: list[str]
     splits: dict[str, list[Sample]]
+    layout: str = ""  # how the samples were found, for the run's opening summary
 
 
 # --- layouts ---------------------------------------------------------------------------------
 
 
 def detect_layout(root: Path) -> str:
+    """The layout of the dataset folder ``root`` (see the module docstring), or a DatasetError saying what was found."""
     if (root / "train.txt").is_file() and (root / "classes.csv").is_file():
         return "grocery"
-    if (root / "manifest.csv").is_file():
+    if find_manifest(root) is not None:
         return "csv"
-    if (root / "train").is_dir():
+    if (root / "train").is_dir() or class_folders(root):
         return "folder"
+    loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    found = f"{len(loose)} images but no class folders" if loose else "no class folders, manifest or train.txt"
     raise DatasetError(
-        f"{root}: cannot tell the dataset layout: expected train.txt + classes.csv (grocery), "
-        "manifest.csv (csv) or a train/ folder of class folders (folder)."
+        f"{root}: cannot tell the dataset layout ({found}): put the images in one folder per class "
+        "(root/<class>/*.jpg or root/{train,val}/<class>/*.jpg), or list them in a CSV with columns path,label[,split]."
     )
+
+
+def find_manifest(root: Path) -> Path | None:
+    """``root/manifest.csv``, else the only ``.csv`` in ``root`` whose header has path and label columns."""
+    if (root / "manifest.csv").is_file():
+        return root / "manifest.csv"
+    candidates = [p for p in sorted(root.glob("*.csv")) if manifest_columns(p) is not None]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+PATH_COLUMNS, LABEL_COLUMNS = ("path", "image", "file", "filename"), ("label", "class", "category")
+
+
+def manifest_columns(manifest: Path) -> tuple[str, str] | None:
+    """The manifest's path and label column names, or None when its header has none of them."""
+    with open(manifest, newline="") as handle:
+        header = [name.strip() for name in next(csv.reader(handle), [])]
+    path = next((name for name in header if name.lower() in PATH_COLUMNS), None)
+    label = next((name for name in header if name.lower() in LABEL_COLUMNS), None)
+    return (path, label) if path and label else None
+
+
+def class_folders(root: Path) -> list[Path]:
+    """The visible subfolders of ``root`` that hold at least one image (at any depth)."""
+    return [
+        p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and not p.name.startswith(".") and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.rglob("*"))
+    ]
 
 
 def read_grocery(root: Path, label_level: str = "fine") -> DatasetIndex:
@@ -104,9 +138,16 @@ def read_grocery(root: Path, label_level: str = "fine") -> DatasetIndex:
 
 
 def read_folders(root: Path) -> DatasetIndex:
-    """``root/<split>/<class>/<image>``; the train split defines the classes."""
+    """``root/<split>/<class>/<image>`` (the train split defines the classes), or ``root/<class>/<image>``,
+    all of it train."""
+    if not (root / "train").is_dir():
+        class_dirs = class_folders(root)
+        if not class_dirs:
+            raise DatasetError(f"{root}: no class folders with images found.")
+        samples = [(f, i) for i, d in enumerate(class_dirs) for f in expand_image_paths([d])]
+        return DatasetIndex([d.name for d in class_dirs], {"train": samples}, "folder (root/<class>/, no splits)")
     train = root / "train"
-    class_dirs = sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+    class_dirs = sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DatasetError(f"{train}: no class folders found.")
     class_names = [p.name for p in class_dirs]
@@ -117,7 +158,7 @@ def read_folders(root: Path) -> DatasetIndex:
         if not split_dir.is_dir():
             continue
         samples = []
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if class_dir.name not in index:
                 raise DatasetError(f"{class_dir}: class {class_dir.name!r} is not among the train classes.")
             files = expand_image_paths([class_dir])
@@ -125,25 +166,31 @@ def read_folders(root: Path) -> DatasetIndex:
                 raise DatasetError(f"{class_dir}: empty class folder (no images).")
             samples += [(f, index[class_dir.name]) for f in files]
         splits[split] = samples
-    return DatasetIndex(class_names, splits)
+    return DatasetIndex(class_names, splits, f"folder ({'/, '.join(splits)}/ of class folders)")
 
 
 def read_manifest(manifest: Path) -> DatasetIndex:
-    """A CSV ``path,label[,split]`` with a header; without ``split`` every row is train."""
+    """A CSV ``path,label[,split]`` with a header; without ``split`` every row is train.
+
+    The path column may also be called image, file or filename, the label column class or category.
+    """
     if not manifest.is_file():
         raise DatasetError(f"{manifest}: no such manifest.")
+    columns = manifest_columns(manifest)
+    if columns is None:
+        raise DatasetError(f"{manifest}: expected a header with columns path,label[,split].")
+    path_column, label_column = columns
     with open(manifest, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    if not rows or not {"path", "label"} <= set(rows[0]):
-        raise DatasetError(f"{manifest}: expected a header with columns path,label[,split].")
     by_split: dict[str, list[tuple[Path, str]]] = {}
     for number, row in enumerate(rows, 2):
-        if not (row.get("path") or "").strip() or not (row.get("label") or "").strip():
-            raise DatasetError(f"{manifest}:{number}: a row needs both a path and a label.")
+        path, label = (row.get(path_column) or "").strip(), (row.get(label_column) or "").strip()
+        if not path or not label:
+            raise DatasetError(f"{manifest}:{number}: a row needs both a {path_column} and a {label_column}.")
         split = (row.get("split") or "train").strip()
         if split not in SPLITS:
             raise DatasetError(f"{manifest}:{number}: unknown split {split!r} (use {', '.join(SPLITS)}).")
-        by_split.setdefault(split, []).append((manifest.parent / row["path"].strip(), row["label"].strip()))
+        by_split.setdefault(split, []).append((manifest.parent / path, label))
     if "train" not in by_split:
         raise DatasetError(f"{manifest}: no train rows.")
     class_names = sorted({label for _, label in by_split["train"]})
@@ -154,28 +201,38 @@ def read_manifest(manifest: Path) -> DatasetIndex:
         if unknown:
             raise DatasetError(f"{manifest}: {split} rows use labels not in train: {unknown[:5]}.")
         splits[split] = [(path, index[label]) for path, label in items]
-    return DatasetIndex(class_names, splits)
+    return DatasetIndex(class_names, splits, f"csv ({manifest.name})")
 
 
 def read_dataset(
     root: Path, layout: str = "auto", manifest: Path | None = None, label_level: str = "fine"
 ) -> DatasetIndex:
+    """The classes and samples of the dataset at ``root`` (a folder, or a CSV manifest file).
+
+    Raises:
+        DatasetError: ``root`` does not exist, its layout is unclear, or a listing names
+            missing files or unknown labels.
+    """
     root = Path(root)
+    if root.is_file() and root.suffix.lower() == ".csv" and layout in ("auto", "csv"):
+        root, manifest, layout = root.parent, root, "csv"
     if not root.is_dir():
-        raise DatasetError(f"{root}: dataset folder does not exist.")
+        raise DatasetError(f"{root}: dataset folder does not exist (give the folder of your images as data.root).")
     if layout == "auto":
         layout = "csv" if manifest else detect_layout(root)
     if layout == "grocery":
         index = read_grocery(root, label_level)
+        index.layout = "grocery (train.txt, classes.csv)"
     elif layout == "folder":
         index = read_folders(root)
     elif layout == "csv":
-        index = read_manifest(Path(manifest) if manifest else root / "manifest.csv")
+        found = Path(manifest) if manifest else find_manifest(root)
+        index = read_manifest(found or root / "manifest.csv")
     else:
         raise DatasetError(f"Unknown layout {layout!r}: use auto, grocery, folder or csv.")
     missing = [str(path) for samples in index.splits.values() for path, _ in samples if not path.is_file()]
     if missing:
-        raise DatasetError(f"{len(missing)} listed image files do not exist, e.g. {missing[:3]}.")
+        raise DatasetError(f"{root}: {len(missing)} listed image files do not exist, e.g. {missing[:3]}.")
     return index
 
 
@@ -337,7 +394,7 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     for items in by_class.values():
         items = items[:]
         rng.shuffle(items)
-        take = round(len(items) * fraction) if len(items) > 1 else 0
+        take = max(1, round(len(items) * fraction)) if len(items) > 1 else 0  # every class in val
         val += items[:take]
         train += items[take:]
     return train, val

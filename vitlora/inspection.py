@@ -91,7 +91,20 @@ class AdapterSummary:
 
 
 def inspect_adapter(path: str | os.PathLike) -> AdapterSummary:
-    """Config, classes, parameter counts and per-layer update statistics of an adapter file."""
+    """Config, classes, parameter counts and per-layer update statistics of an adapter file.
+
+    Computed from the file alone (no base weights): each update's singular values come exactly
+    from an ``r x r`` core, never from a dense ΔW.
+
+    Args:
+        path: the adapter file.
+
+    Returns:
+        An :class:`AdapterSummary`; ``print()`` it for the ``vitlora inspect`` report.
+
+    Raises:
+        AdapterError: an unusable adapter file.
+    """
     adapter = read_adapter(path)
     parameters = dict.fromkeys(("lora", "prompt", "bias", "head"), 0)
     for key, tensor in adapter.tensors.items():
@@ -135,19 +148,32 @@ def _update_stats(adapter: Adapter) -> list[UpdateStats]:
     return sorted(updates, key=lambda u: (u.block, VALID_TARGETS.index(u.target.split("_")[0]), u.target))
 
 
-def write_update_heatmap(summary: AdapterSummary, path: str | os.PathLike) -> Path:
-    """A PNG of ``||dW||_F`` per block (rows) and target (columns), shaded relative to the largest.
-
-    Blocks between adapted ones are drawn grey, so a gap in ``LoRAConfig.blocks`` shows."""
-    path = check_output_path(path, (".png",))
+def update_norm_table(summary: AdapterSummary) -> tuple[torch.Tensor, list[str], list[str]]:
+    """``||dW||_F`` per block (rows) and target (columns), NaN where a block has no update, with both labels."""
     blocks = list(range(max((u.block for u in summary.updates), default=-1) + 1))
     targets = list(dict.fromkeys(u.target for u in summary.updates))
     values = torch.full((len(blocks), len(targets)), float("nan"))
     for u in summary.updates:
         values[blocks.index(u.block), targets.index(u.target)] = u.frobenius_norm
-    largest = float(values.nan_to_num(0.0).max()) if values.numel() else 0.0
-    title = f"||dW||_F per block and target, darkest = {largest:.3g}"
-    image = heatmap_image(values / (largest or 1.0), title, [f"block {b}" for b in blocks], targets, cell=16)
+    return values, [f"block {b}" for b in blocks], targets
+
+
+def write_update_heatmap(summary: AdapterSummary, path: str | os.PathLike) -> Path:
+    """A PNG of ``||dW||_F`` per block (rows) and target (columns), with a colour scale.
+
+    Blocks between adapted ones are drawn grey, so a gap in ``LoRAConfig.blocks`` shows.
+
+    Args:
+        summary: what :func:`inspect_adapter` returned.
+        path: the ``.png`` file to write (atomically).
+
+    Returns:
+        ``path``.
+    """
+    path = check_output_path(path, (".png",))
+    values, blocks, targets = update_norm_table(summary)
+    title = f"LoRA update size per block and target ({summary.adapter.path.name})"
+    image = heatmap_image(values, title, blocks, targets, "||ΔW||_F (Frobenius norm of the update)")
     with atomic_write(path) as tmp:
         image.save(tmp, format="PNG")
     return path

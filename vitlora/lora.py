@@ -38,15 +38,19 @@ from vitlora.trainable import freeze_base
 class LoRAConfig:
     """What to adapt and how strongly.
 
-    ``targets``: any of ``q k v`` (one update per projection, fused or not), ``qkv`` (the
-    fused projection as a single update, as PEFT does; on separate projections it means
-    q, k and v), ``proj``, ``fc1`` (both SwiGLU inputs), ``fc2``, ``patch_embed`` (the patch
-    embedding convolution, see :class:`LoRAConv2d`; outside the blocks, so ``blocks`` does
-    not limit it). ``blocks``: None for all, or block indices, negative ones counting from
-    the end. ``use_dora``: weight-decomposed LoRA (Liu et al. 2024), see :class:`LoRALinear`.
-    ``rank_pattern`` / ``alpha_pattern``: per-layer rank and alpha, keyed as PEFT keys them: the
-    first key that fully matches the module path (``blocks.0.attn.qkv``) as a regex, or a
-    ``.``-separated suffix of it, wins; other layers use ``rank`` / ``alpha``.
+    Attributes:
+        rank: Rank r of each update B·A.
+        alpha: Scale: updates are multiplied by alpha / rank (alpha / sqrt(rank) with use_rslora).
+        dropout: Dropout on the LoRA path's input.
+        targets: Any of q k v (one update per projection, fused or not), qkv (the fused
+            projection as a single update, as PEFT does), proj, fc1 (both SwiGLU inputs), fc2,
+            patch_embed (the patch-embedding convolution, outside the blocks: blocks do not limit it).
+        blocks: Block indices to adapt (negative ones count from the end); null for all.
+        use_rslora: Rank-stabilised scaling alpha / sqrt(rank).
+        use_dora: Weight-decomposed LoRA (Liu et al. 2024), see LoRALinear.
+        rank_pattern: Per-layer ranks keyed as PEFT keys them: the first key that fully matches
+            the module path (blocks.0.attn.qkv) as a regex, or a dot-separated suffix of it, wins.
+        alpha_pattern: Per-layer alphas, keyed like rank_pattern.
     """
 
     rank: int = 8

@@ -26,8 +26,13 @@ from vitlora.trainable import PROMPT_MODULE, freeze_base
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """``num_tokens`` per prompted block; ``deep``: every block gets its own tokens (VPT-deep), else block 0 only.
-    ``init_std``: tokens start as N(0, init_std²), the scale of timm's class and position embeddings."""
+    """Learnable prompt tokens (VPT) the frozen ViT attends to.
+
+    Attributes:
+        num_tokens: Tokens per prompted block.
+        deep: Every block gets its own tokens (VPT-deep); else block 0 only.
+        init_std: Tokens start as N(0, init_std²), the scale of timm's class and position embeddings.
+    """
 
     num_tokens: int = 8
     deep: bool = False

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from vitlora.adapter import AdapterError
+from vitlora.backbone import WeightsUnavailable
 from vitlora.files import atomic_write
 from vitlora.lora import lora_modules, merge_lora, remove_lora
 from vitlora.prompts import prompt_config, remove_prompt_tokens
@@ -259,5 +260,5 @@ if __name__ == "__main__":
     del sys.argv[1:]  # LightningCLI takes its options from `options` alone
     try:
         measure_method(Path(result), options, int(rounds))
-    except ValueError as error:  # vitlora's own checks (AdapterError, DatasetError): one line in the log
+    except (ValueError, OSError, WeightsUnavailable) as error:  # vitlora's own checks: one line in the log
         raise SystemExit(f"vitlora compare: {error}") from error

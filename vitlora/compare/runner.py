@@ -17,6 +17,7 @@ from vitlora.compare.result import MethodResult
 from vitlora.files import atomic_write
 
 RESULT_FILE = "measurements.json"
+PROGRESS_LINES = ("epoch ", "best checkpoint:")  # what vitlora.training.run_summary prints as a fit goes
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the child process imports this very vitlora
 
 
@@ -66,10 +67,14 @@ def run_method(method: MethodSpec, run_dir: Path, args: Sequence[str], latency_r
     python_path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    env = os.environ | {"PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1"}
     with atomic_write(run_dir / "train.log") as tmp, open(tmp, "w") as log:
-        process = subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONPATH": python_path}
-        )
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in process.stdout:  # the whole log to train.log, its progress lines to the screen as they come
+            log.write(line)
+            if line.startswith(PROGRESS_LINES):
+                print(f"    {method.name}: {line.rstrip()}", flush=True)
+        process.wait()
     described = {
         "name": method.name,
         "recipe": str(method.recipe),

@@ -34,6 +34,8 @@ from vitlora.datasets import (
     stratified_split,
 )
 
+GROCERY_ROOT = "data/grocery-store"  # the one folder ``download`` fills: a mistyped root is an error, not a download
+
 
 class ImageDataModule(L.LightningDataModule):
     """Train/val/test/predict loaders for a product-image dataset, sized for a timm backbone.
@@ -46,7 +48,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        root: str = "data/grocery-store",
+        root: str = GROCERY_ROOT,
         layout: Literal["auto", "grocery", "folder", "csv"] = "auto",
         manifest: str | None = None,
         label_level: Literal["fine", "coarse"] = "fine",
@@ -70,6 +72,35 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         predict_paths: list[str] | None = None,
     ) -> None:
+        """
+        Args:
+            root: Your images: a folder (class folders, train/val/test of class folders, a
+                Grocery-style folder, or a folder with one CSV manifest) or a CSV file.
+            layout: How root is organised; auto detects it and names it when fit starts.
+            manifest: A CSV with columns path,label[,split] (paths relative to the CSV's folder).
+            label_level: Grocery layout only: fine (81 classes) or coarse (43) labels.
+            backbone: Set from model.backbone: its resolution, mean/std and crop shape the transforms.
+            img_size: Set from model.img_size: another input resolution than the backbone's.
+            batch_size: Training images per step (per device under DDP).
+            eval_batch_size: Images per validation/test/predict batch (default: batch_size).
+            num_workers: Loader processes; 0 loads in the main process.
+            val_fraction: Share of each class carved from train (seeded, stratified) when the
+                data has no val split.
+            scale: Area range of the random-resized crop, as fractions of the image.
+            hflip: Probability of a horizontal flip.
+            auto_augment: timm auto-augment string (e.g. rand-m9-mstd0.5-inc1), trivial, or null for none.
+            color_jitter: Colour jitter strength, or null for none.
+            re_prob: Random-erasing probability.
+            mixup: Mixup alpha (0 turns it off).
+            cutmix: CutMix alpha (0 turns it off).
+            mixup_prob: Probability of mixing a batch when mixup or cutmix is on.
+            check_images: Decode every image once at set-up and skip unusable ones with a warning.
+            fail_on_bad_images: Stop at the first unusable image instead of skipping it.
+            download: Fetch the Grocery Store dataset when root is missing; only into
+                data/grocery-store, so a mistyped root is an error, never a download.
+            seed: Set from seed_everything: the val split, shuffles and augmentations.
+            predict_paths: Image files or folders for predict (default: the test split, else val).
+        """
         super().__init__()
         if (mixup > 0 or cutmix > 0) and batch_size % 2:
             raise ValueError(f"mixup/cutmix pair images within a batch: batch_size must be even, got {batch_size}.")
@@ -77,13 +108,14 @@ class ImageDataModule(L.LightningDataModule):
         self.root = Path(root)
         self._index: DatasetIndex | None = None
         self._datasets: dict[str, Dataset] = {}
+        self.skipped: dict[str, int] = {}  # unusable images left out, per split
         self.mixup_fn = None
 
     # Classes are known before set-up, so the model can size its head from them.
     @property
     def index(self) -> DatasetIndex:
         if self._index is None:
-            if self.hparams.download and not self.root.exists():
+            if self.hparams.download and not self.root.exists() and self.root.resolve() == Path(GROCERY_ROOT).resolve():
                 from vitlora.training.download import download_grocery_store
 
                 download_grocery_store(self.root)
@@ -143,7 +175,8 @@ class ImageDataModule(L.LightningDataModule):
             if not samples:
                 raise DatasetError(f"{self.root}: no {split} split in this dataset.")
             if self.hparams.check_images:
-                samples = check_images(samples, self.hparams.fail_on_bad_images)
+                usable = check_images(samples, self.hparams.fail_on_bad_images)
+                self.skipped[split], samples = len(samples) - len(usable), usable
             seed = self.hparams.seed if split == "train" else None
             self._datasets[split] = ImageDataset(samples, self.transform(split == "train"), seed)
         if stage in ("fit", None) and (self.hparams.mixup > 0 or self.hparams.cutmix > 0):

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from vitlora.adapter import AdapterError, save_adapter
+from vitlora.backbone import weights_source
 from vitlora.training.module import ImageClassifier
 
 
@@ -46,4 +47,5 @@ def export_adapter(ckpt_path: str | os.PathLike, output: str | os.PathLike, weig
         class_names=module.class_names,
         model_name=hp.backbone,
         model_kwargs=model_kwargs,
+        base_weights=weights_source(hp.weights, hp.backbone),
     )

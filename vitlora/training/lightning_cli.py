@@ -13,8 +13,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from vitlora.training.checkpoints import AtomicCheckpointIO, ResumeInsideEpoch, step_checkpoint
 from vitlora.training.data import ImageDataModule
+from vitlora.training.logging import place_run_logger
 from vitlora.training.module import ImageClassifier
 from vitlora.training.predictions import PredictionWriter
+from vitlora.training.quiet import quiet_lightning
+from vitlora.training.run_summary import RunSummary
 
 
 class VitloraCLI(LightningCLI):
@@ -38,12 +41,15 @@ class VitloraCLI(LightningCLI):
             trainer.callbacks.append(step_checkpoint(every_n_steps))
         return trainer
 
+    def before_instantiate_classes(self) -> None:
+        place_run_logger(self.config[self.subcommand] if self.subcommand else self.config, self.subcommand or "")
+
 
 def trainer_defaults() -> dict:
     return {
         "logger": {
             "class_path": "vitlora.training.logging.RunLogger",
-            "init_args": {"save_dir": "runs", "name": "vitlora"},
+            "init_args": {"save_dir": None, "name": "vitlora"},
         },
         "callbacks": [
             ModelCheckpoint(
@@ -56,8 +62,10 @@ def trainer_defaults() -> dict:
             LearningRateMonitor(logging_interval="step"),
             PredictionWriter(),
             ResumeInsideEpoch(),
+            RunSummary(),
         ],
         "log_every_n_steps": 10,
+        "enable_model_summary": False,  # ImageClassifier prints its own: parameters by group, trainable %
         "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
     }
 
@@ -70,9 +78,10 @@ def build_cli(args: list[str] | None, *, run: bool = True, callbacks: Sequence[C
         run: False only parses and instantiates, for callers that drive the trainer themselves.
         callbacks: extra trainer callbacks, after the defaults.
     """
+    quiet_lightning()
     defaults = trainer_defaults()
     defaults["callbacks"] += list(callbacks)
-    return VitloraCLI(
+    return VitloraCLI(  # vitlora.cli turns the errors it raises for bad input into one line
         ImageClassifier,
         ImageDataModule,
         trainer_defaults=defaults,

@@ -21,18 +21,24 @@ class RunLogger(TensorBoardLogger):
 
     def __init__(
         self,
-        save_dir: str = "runs",
+        save_dir: str | None = None,
         name: str = "vitlora",
         version: int | str | None = None,
         **kwargs,
     ) -> None:
-        super().__init__(save_dir, name=name, version=version, default_hp_metric=False, **kwargs)
+        """``save_dir`` None: ``runs``; the CLI puts it under ``--trainer.default_root_dir`` (see :func:`place_run_logger`)."""
+        super().__init__(save_dir or "runs", name=name, version=version, default_hp_metric=False, **kwargs)
         self._rows: list[dict] = []
 
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         super().log_metrics(metrics, step)
         self._rows.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+
+    @property
+    def rows(self) -> list[dict]:
+        """Every logged metric so far, one dict per logging call (``step`` and the metrics)."""
+        return self._rows
 
     @rank_zero_only
     def save(self) -> None:
@@ -63,3 +69,23 @@ def holds_no_results(folder: Path) -> bool:
         path.is_file() and (path.name in ("config.yaml", "hparams.yaml") or path.name.startswith("events.out.tfevents"))
         for path in folder.iterdir()
     )
+
+
+def place_run_logger(config, subcommand: str) -> None:
+    """Where a run logger without an explicit ``save_dir`` writes (``config``: the subcommand's namespace).
+
+    fit: under ``--trainer.default_root_dir`` (default ``runs``). validate, test and predict of a
+    checkpoint in ``<run>/checkpoints/``: into ``<run>/<subcommand>/``, beside the fit that made it
+    (also with the run's own ``config.yaml``), unless a logger ``version`` is given.
+    """
+    logger = config.trainer.logger
+    if not hasattr(logger, "init_args") or not str(logger.class_path).endswith("RunLogger"):
+        return
+    ckpt = Path(config.get("ckpt_path") or "")
+    evaluating = subcommand in ("validate", "test", "predict") and ckpt.parent.name == "checkpoints"
+    if evaluating and logger.init_args.get("version") is None:  # a new version_N is never the place for it
+        run = ckpt.parent.parent
+        logger.init_args.save_dir, logger.init_args.name = str(run.parent.parent), run.parent.name
+        logger.init_args.version, logger.init_args.sub_dir = run.name, subcommand
+    elif logger.init_args.get("save_dir") is None:
+        logger.init_args.save_dir = config.trainer.get("default_root_dir") or "runs"

@@ -63,23 +63,40 @@ class ImageClassifier(L.LightningModule):
         compile_kwargs: dict[str, Any] | None = None,
         explain_worst: int = 0,
     ) -> None:
-        """``lr`` is for the adapted weights, ``head_lr`` (default ``lr``) for the new head.
-        ``lora_plus_ratio`` (LoRA+, Hayou et al. 2024) trains every LoRA ``B`` at ``lr * ratio``,
-        which learns faster than one rate for A and B; None or 1 is plain LoRA.
-        ``prompt`` adds prompt tokens and ``bias_tuning`` trains every bias, with method lora or
-        linear. ``model_kwargs`` go to ``timm.create_model`` (tests use tiny configs). ``tta``
-        averages the logits of each evaluation image and its mirror image.
+        """One backbone adapted by ``method``; its options as ``vitlora fit --model.*`` shows them.
 
-        Memory and speed: ``gradient_checkpointing`` recomputes each block in backward instead
-        of keeping its activations. ``train_last_blocks=N`` adapts only the last N blocks (LoRA
-        in them, or for ``full`` them plus the final norm and head), so backward never runs
-        through the earlier ones. ``torch_compile`` compiles the backbone in place when a
-        Trainer sets the model up (checkpoint keys unchanged); ``compile_kwargs`` go to
-        ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``).
-
-        ``explain_worst=N``: ``vitlora test`` also writes explanation sheets (vitlora.explain) of the N
-        test images whose true class got the lowest probability, into ``explanations/`` next to the
-        confusion matrix."""
+        Args:
+            backbone: timm model name with its pretrained tag (timm.list_models("vit_*", pretrained=True)).
+            method: lora (LoRA + head), full (every weight) or linear (the head alone).
+            lora: LoRA rank, alpha, targets and blocks (method lora).
+            prompt: Learnable prompt tokens (VPT), with method lora or linear; null for none.
+            bias_tuning: Also train every bias (BitFit), with method lora or linear.
+            weights: Local pretrained weights file (.safetensors or .pth, timm keys) instead of the
+                hub: what machines without internet need. Stored as an absolute path.
+            pretrained: Start from pretrained weights (false: random, for tests).
+            num_classes: Classes of the new head; set from the data.
+            class_names: Set from the data; recorded in checkpoints and adapters.
+            img_size: Input resolution other than the backbone's (position embeddings resized).
+            model_kwargs: Extra timm.create_model arguments (tests use tiny configs).
+            lr: Peak learning rate of the adapted weights (after warm-up, then cosine decay).
+            head_lr: Peak learning rate of the new head (default: lr).
+            lora_plus_ratio: LoRA+ (Hayou et al. 2024): every LoRA B trains at lr * ratio; null or 1 is plain LoRA.
+            weight_decay: AdamW weight decay of matrices (never of biases, norms, tokens).
+            warmup_epochs: Linear warm-up length, in epochs (may be fractional).
+            min_lr_ratio: The cosine schedule ends at this fraction of the peak rates.
+            label_smoothing: Cross-entropy label smoothing.
+            drop_path_rate: Stochastic depth of the backbone's blocks.
+            tta: Evaluate each image and its mirror image and average the logits.
+            seed: Set from seed_everything: dropout and drop-path per batch.
+            gradient_checkpointing: Recompute each block in backward instead of keeping its
+                activations: less memory, about a third more time.
+            train_last_blocks: Adapt only the last N blocks (LoRA in them, or for full them
+                plus the final norm and head); backward never runs through the earlier ones.
+            torch_compile: Compile the backbone in place when the trainer sets the model up.
+            compile_kwargs: torch.compile arguments, e.g. {"mode": "max-autotune"}.
+            explain_worst: vitlora test also writes explanation sheets (vitlora.explain) of the N
+                test images whose true class got the lowest probability, next to the confusion matrix.
+        """
         super().__init__()
         if isinstance(prompt, dict):  # as stored in checkpoints
             prompt = PromptConfig(**prompt)
@@ -97,6 +114,7 @@ class ImageClassifier(L.LightningModule):
         if weights:  # checkpoints rebuild the base from here: keep it valid from any working directory
             weights = str(Path(weights).resolve())
         self.save_hyperparameters(ignore=["lora", "prompt"])
+        self.hparams["weights"] = weights  # resolved (LightningCLI hands over its raw config as hparams)
         self.hparams["lora"] = asdict(lora)
         self.hparams["prompt"] = asdict(prompt) if prompt is not None else None
         kwargs = dict(model_kwargs or {})
