@@ -149,3 +149,18 @@ def test_an_adapter_without_lora_reports_its_prompts_biases_and_head(tmp_path):
     assert summary.updates == []
     text = str(summary)
     assert "lora       none" in text and "deep=True" in text and "bias tuning True" in text
+
+
+def test_a_patch_embedding_update_is_inspected_and_drawn_before_the_blocks(tmp_path):
+    from vitlora import LoRAConfig, inject_lora, save_adapter
+
+    model = inject_lora(tiny_model(), LoRAConfig(rank=2, targets=("patch_embed", "q")))
+    randomize_lora(model)
+    path = save_adapter(model, tmp_path / "pe.safetensors", model_name="vit_tiny_patch16_224")
+    summary = inspect_adapter(path)
+    first = summary.updates[0]
+    assert (first.block, first.target, first.layer) == (-1, "patch_embed", "patch_embed.proj")
+    dense = model.patch_embed.proj.delta_weight().double()
+    assert first.frobenius_norm == pytest.approx(float(torch.linalg.matrix_norm(dense)), rel=1e-6)
+    assert "    -  patch_embed" in str(summary)
+    assert write_update_heatmap(summary, tmp_path / "pe.png").is_file()

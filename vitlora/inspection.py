@@ -17,7 +17,7 @@ import torch
 from vitlora.adapter import Adapter, AdapterError, class_labels, read_adapter
 from vitlora.charts import heatmap_image
 from vitlora.files import atomic_write, check_output_path
-from vitlora.targets import CLASSIFIER_NAMES, VALID_TARGETS, update_labels
+from vitlora.targets import CLASSIFIER_NAMES, PATCH_EMBED_PATH, VALID_TARGETS, update_labels
 from vitlora.trainable import is_lora_name, is_prompt_name
 
 SHOWN_CLASSES = 5
@@ -25,7 +25,10 @@ SHOWN_CLASSES = 5
 
 @dataclass(frozen=True)
 class UpdateStats:
-    """One low-rank update ``scale * B_t A_t``: its block, target and singular values (descending)."""
+    """One low-rank update ``scale * B_t A_t``: its block, target and singular values (descending).
+
+    ``block`` is -1 for the patch embedding, which comes before the blocks.
+    """
 
     block: int
     target: str
@@ -80,7 +83,7 @@ class AdapterSummary:
             f"{'block':>5}  {'target':<6} {'rank':>4} {'||dW||_F':>10} {'sigma_max':>10} {'eff.rank':>8}",
         ]
         lines += [
-            f"{u.block:>5}  {u.target:<6} {len(u.singular_values):>4} {u.frobenius_norm:>10.4g} "
+            f"{u.block if u.block >= 0 else '-':>5}  {u.target:<6} {len(u.singular_values):>4} {u.frobenius_norm:>10.4g} "
             f"{max(u.singular_values, default=0.0):>10.4g} {u.effective_rank:>8.2f}"
             for u in self.updates
         ]
@@ -131,11 +134,11 @@ def _update_stats(adapter: Adapter) -> list[UpdateStats]:
         down, up = adapter.tensors[key].double(), adapter.tensors.get(f"{layer}.lora_B")
         labels = update_labels(layer, adapter.config.targets)
         parts = len(labels)
-        block = layer.split(".")[1] if layer.startswith("blocks.") else ""
+        block = "-1" if layer == PATCH_EMBED_PATH else layer.split(".")[1] if layer.startswith("blocks.") else ""
         if (
             not parts
             or up is None
-            or not block.isdigit()
+            or not block.lstrip("-").isdigit()
             or down.shape[0] != parts * rank
             or up.shape[1] != rank
             or up.shape[0] % parts
@@ -145,17 +148,24 @@ def _update_stats(adapter: Adapter) -> list[UpdateStats]:
             core = torch.linalg.qr(b).R @ torch.linalg.qr(a.T).R.T
             values = (scaling * torch.linalg.svdvals(core)).tolist()
             updates.append(UpdateStats(int(block), label, layer, tuple(values)))
-    return sorted(updates, key=lambda u: (u.block, VALID_TARGETS.index(u.target.split("_")[0]), u.target))
+    return sorted(updates, key=lambda u: (u.block, _target_order(u.target), u.target))
+
+
+def _target_order(target: str) -> int:
+    """Targets in LoRAConfig's order; SwiGLU's fc1_g / fc1_x sort as fc1."""
+    return VALID_TARGETS.index(target if target in VALID_TARGETS else target.split("_")[0])
 
 
 def update_norm_table(summary: AdapterSummary) -> tuple[torch.Tensor, list[str], list[str]]:
     """``||dW||_F`` per block (rows) and target (columns), NaN where a block has no update, with both labels."""
     blocks = list(range(max((u.block for u in summary.updates), default=-1) + 1))
+    if any(u.block < 0 for u in summary.updates):  # the patch embedding, before block 0
+        blocks.insert(0, -1)
     targets = list(dict.fromkeys(u.target for u in summary.updates))
     values = torch.full((len(blocks), len(targets)), float("nan"))
     for u in summary.updates:
         values[blocks.index(u.block), targets.index(u.target)] = u.frobenius_norm
-    return values, [f"block {b}" for b in blocks], targets
+    return values, [f"block {b}" if b >= 0 else "patch embed" for b in blocks], targets
 
 
 def write_update_heatmap(summary: AdapterSummary, path: str | os.PathLike) -> Path:
