@@ -162,5 +162,5 @@ def test_a_patch_embedding_update_is_inspected_and_drawn_before_the_blocks(tmp_p
     assert (first.block, first.target, first.layer) == (-1, "patch_embed", "patch_embed.proj")
     dense = model.patch_embed.proj.delta_weight().double()
     assert first.frobenius_norm == pytest.approx(float(torch.linalg.matrix_norm(dense)), rel=1e-6)
-    assert "    -  patch_embed" in str(summary)
+    assert "    -  patch_embed " in str(summary)
     assert write_update_heatmap(summary, tmp_path / "pe.png").is_file()

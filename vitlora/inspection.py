@@ -80,10 +80,10 @@ class AdapterSummary:
             + " + ".join(f"{count:,} {group}" for group, count in self.parameters.items() if count)
             + f" = {sum(self.parameters.values()):,}",
             "",
-            f"{'block':>5}  {'target':<6} {'rank':>4} {'||dW||_F':>10} {'sigma_max':>10} {'eff.rank':>8}",
+            f"{'block':>5}  {'target':<11} {'rank':>4} {'||dW||_F':>10} {'sigma_max':>10} {'eff.rank':>8}",
         ]
         lines += [
-            f"{u.block if u.block >= 0 else '-':>5}  {u.target:<6} {len(u.singular_values):>4} {u.frobenius_norm:>10.4g} "
+            f"{u.block if u.block >= 0 else '-':>5}  {u.target:<11} {len(u.singular_values):>4} {u.frobenius_norm:>10.4g} "
             f"{max(u.singular_values, default=0.0):>10.4g} {u.effective_rank:>8.2f}"
             for u in self.updates
         ]
@@ -183,7 +183,7 @@ def write_update_heatmap(summary: AdapterSummary, path: str | os.PathLike) -> Pa
     path = check_output_path(path, (".png",))
     values, blocks, targets = update_norm_table(summary)
     title = f"LoRA update size per block and target ({summary.adapter.path.name})"
-    image = heatmap_image(values, title, blocks, targets, "||ΔW||_F (Frobenius norm of the update)")
+    image = heatmap_image(values, title, blocks, targets, "||ΔW||_F (Frobenius norm)")
     with atomic_write(path) as tmp:
         image.save(tmp, format="PNG")
     return path
