@@ -115,7 +115,7 @@ def test_heatmap_shades_each_block_and_target_by_its_norm(known_adapter, tmp_pat
     path = write_update_heatmap(summary, tmp_path / "updates.png")
     norms = torch.tensor([[math.hypot(*KNOWN[b, t]) for t in ("q", "v", "fc2")] for b in (0, 1)])
     title = "LoRA update size per block and target (known.safetensors)"
-    scale = "||ΔW||_F (Frobenius norm of the update)"
+    scale = "||ΔW||_F (Frobenius norm)"
     expected = heatmap_image(norms, title, ["block 0", "block 1"], ["q", "v", "fc2"], scale_label=scale)
     difference = ImageChops.difference(Image.open(path).convert("RGB"), expected)
     assert max(high for _, high in difference.getextrema()) <= 1  # float32 norms may round a shade either way
