@@ -208,6 +208,27 @@ def test_64_concurrent_requests_over_4_adapters_equal_offline_classify_in_mixed_
     assert stats["most_adapters_in_a_batch"] > 1  # requests for different adapters shared a forward pass
 
 
+def test_explain_adds_the_explanation_sheet_as_a_png_and_keeps_the_predictions(server, workspace):
+    import base64
+    import io
+
+    from PIL import Image
+
+    path = photos(workspace)[0]
+    body = {"adapter": "fruit", "image": encoded(path), "top_k": 2, "explain": True}
+    answer = requests.post(f"{server}/predict", json=body, timeout=300)
+    assert answer.status_code == 200, answer.text
+    assert_same_predictions(answer.json(), offline(workspace, "fruit", path, 2))
+    sheet = base64.b64decode(answer.json()["explanation_png"])
+    assert sheet.startswith(b"\x89PNG")
+    with Image.open(io.BytesIO(sheet)) as picture:
+        assert picture.width > 400 and picture.height > 200
+    plain = predict(server, "fruit", path, 2).json()
+    assert "explanation_png" not in plain
+    refused = requests.post(f"{server}/predict", json={**body, "explain": "yes"}, timeout=30)
+    assert refused.status_code == 422 and "explain" in refused.json()["error"]
+
+
 def test_health_adapter_list_and_the_page(server, workspace):
     assert requests.get(f"{server}/health", timeout=5).status_code == 200
     listed = requests.get(f"{server}/adapters", timeout=5).json()["adapters"]
@@ -338,6 +359,9 @@ def test_the_page_classifies_an_uploaded_photo_in_a_real_browser(server, workspa
         expected = offline(workspace, "fruit", photo, 3)
         assert labels == [label for label, _ in expected]
         assert shown == [f"{100 * p:.1f}%" for _, p in expected]
+        driver.find_element(By.ID, "explain").click()  # ticked: the photo on show again, with its explanation
+        WebDriverWait(driver, 300).until(lambda d: d.find_element(By.ID, "explanation").is_displayed())
+        assert driver.find_element(By.ID, "explanation").get_attribute("src").startswith("data:image/png;base64,")
         screenshot = os.environ.get("VITLORA_SCREENSHOT")
         if screenshot:
             driver.save_screenshot(screenshot)

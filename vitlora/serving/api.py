@@ -8,6 +8,7 @@ endpoints on LitServe's FastAPI app.
 """
 
 import asyncio
+import base64
 import multiprocessing
 import os
 import re
@@ -24,7 +25,8 @@ import torch
 from fastapi import FastAPI, Header
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictInt
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 from starlette.exceptions import HTTPException
 
 from vitlora.adapter import AdapterError, read_adapter
@@ -48,13 +50,16 @@ _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 class PredictRequest(BaseModel):
     """``POST /predict``: an image file's bytes in base64, classified by one adapter.
 
-    New optional fields (such as an ``explain`` flag) go here with a default, so old clients keep working.
+    New optional fields go here with a default, so old clients keep working. ``explain`` adds the
+    explanation sheet (``vitlora explain``'s PNG: where the evidence lies, with and without the
+    adapter's update) as base64 in ``explanation_png``; it takes seconds per image on a CPU.
     """
 
     model_config = ConfigDict(extra="forbid")
     adapter: str
     image: str
     top_k: StrictInt = 5
+    explain: StrictBool = False
 
 
 class AddAdapterRequest(BaseModel):
@@ -73,6 +78,7 @@ class Job:
     top_k: int
     image: torch.Tensor | None = None
     error: RequestError | None = None
+    picture: Image.Image | None = None  # kept for an explanation
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,8 @@ class AdapterAPI(ls.LitAPI):
     def decode_request(self, request: PredictRequest) -> Job:
         try:
             top_k = check_top_k(request.top_k, self.limits)
-            return Job(request.adapter, top_k, self.transform(decode_image(request.image, self.limits)))
+            picture = decode_image(request.image, self.limits)
+            return Job(request.adapter, top_k, self.transform(picture), picture=picture if request.explain else None)
         except RequestError as error:
             return Job(request.adapter, 1, error=error)
 
@@ -129,10 +136,13 @@ class AdapterAPI(ls.LitAPI):
         return outputs
 
     def encode_response(self, output: tuple[str, Any]):  # no annotation: LitServe would make it a response model
-        name, result = output
+        name, result, *explanation = output
         if isinstance(result, RequestError):
             return error_response(result.status, str(result))
-        return {"adapter": name, "predictions": [{"label": label, "probability": p} for label, p in result]}
+        answer = {"adapter": name, "predictions": [{"label": label, "probability": p} for label, p in result]}
+        if explanation:
+            answer["explanation_png"] = base64.b64encode(explanation[0]).decode()
+        return answer
 
     def _classify(self, jobs: list[Job]) -> list[tuple[str, Any]]:
         """Every decoded image in one mixed batch; the others keep their errors."""
@@ -142,7 +152,13 @@ class AdapterAPI(ls.LitAPI):
             if good
             else []
         )
-        return [(job.adapter, job.error if job.error is not None else next(results)) for job in jobs]
+        answers = [(job.adapter, job.error if job.error is not None else next(results)) for job in jobs]
+        return [
+            (*answer, self.registry.explain(job.adapter, job.picture))
+            if job.picture is not None and not isinstance(answer[1], RequestError)
+            else answer
+            for job, answer in zip(jobs, answers, strict=True)
+        ]
 
 
 def error_response(status: int, message: str) -> JSONResponse:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from vitlora.adapter import Adapter, AdapterError
 from vitlora.backbone import create_backbone
@@ -102,6 +103,7 @@ class AdapterRegistry:
         self._multi = MultiAdapter(base.build()).to(self.device).eval()
         self._files: dict[str, str] = {}
         self._refused: dict[str, tuple[str, str]] = {}  # name -> (file, AdapterError message)
+        self._explainers: dict[str, tuple[str, torch.nn.Module, Adapter]] = {}  # name -> (file, model, adapter)
         self._lock = threading.Lock()
 
     @property
@@ -125,6 +127,7 @@ class AdapterRegistry:
         with self._lock:
             self._multi.remove(name)
             del self._files[name]
+            self._explainers.pop(name, None)
 
     def apply(self, wanted: dict[str, str]) -> dict[str, str]:
         """Loads and unloads until the registry holds ``wanted`` (name -> file); a file refused once is
@@ -166,6 +169,26 @@ class AdapterRegistry:
         for i, prediction in zip(known, predictions, strict=True):
             results[i] = prediction[: top_k[i]]
         return results
+
+    def explain(self, name: str, picture: Image.Image) -> bytes:
+        """The explanation sheet of ``picture`` under adapter ``name`` as PNG bytes (``vitlora explain``'s).
+
+        Attribution needs the adapter on a model of its own (a routed mixed batch has no single
+        adapter to switch off), so each explained adapter gets one, built on first use and kept.
+        """
+        from vitlora.apply import build_model_with_adapter
+        from vitlora.explain import explain_image_png
+
+        with self._lock:
+            path = self._files.get(name)
+        if path is None:
+            raise self._unknown(name)
+        if self._explainers.get(name, (None,))[0] != path:
+            model, adapter = build_model_with_adapter(path, self.base.weights)
+            self._explainers[name] = (path, model.to(self.device), adapter)
+        _, model, adapter = self._explainers[name]
+        with torch.inference_mode(False), torch.enable_grad():  # attributions need gradients
+            return explain_image_png(model, adapter, picture, name=name)
 
     def _unknown(self, name: str) -> RequestError:
         return RequestError(404, f"unknown adapter {name!r}: loaded are {sorted(self._files)}")
