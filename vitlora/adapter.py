@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import safetensors
-import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save as serialize
@@ -299,7 +299,7 @@ def adapter_header(model: nn.Module, **metadata: Any) -> dict[str, str]:
         "base_fingerprint": base_fingerprint(model),
         "base_config": json.dumps(base_model_config(model)),
         "vitlora_version": __version__,
-        "timm_version": timm.__version__,
+        "timm_version": importlib.metadata.version("timm"),
         "torch_version": torch.__version__,
     }
     if config is not None:

@@ -6,13 +6,15 @@ Each function returns an RGB image for a report; missing values (None) are shown
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
+
+if TYPE_CHECKING:  # matplotlib loads on the first chart: `vitlora inspect` without --plot never pays for it
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 SIZE = (800, 500)  # pixels of the bar, scatter and line charts
 DPI = 100
@@ -25,6 +27,9 @@ def color(index: int) -> str:
 
 def new_figure(size: tuple[float, float] = SIZE) -> Figure:
     """A figure of ``size`` pixels, drawn by the Agg canvas (no display, no global pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vitlora.targets import transformer_blocks, unwrap
@@ -84,6 +83,8 @@ def _splice_prompt_tokens(block: nn.Module, args: tuple) -> tuple | None:
 
 def check_promptable(model: nn.Module) -> None:
     """Raises, naming the reason, for models where inserted tokens would be misread."""
+    from timm.models.vision_transformer import VisionTransformer  # here: reading adapter files needs no timm
+
     name = type(model).__name__
     if prompt_config(model) is not None:
         raise ValueError(f"{name} already has prompt tokens: remove_prompt_tokens first.")
