@@ -186,7 +186,7 @@ def prompts_disabled(model: nn.Module) -> Iterator[nn.Module]:
     Unlike :func:`remove_prompt_tokens` nothing is deleted or unfrozen; a model without prompt
     tokens passes through unchanged.
     """
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     config = prompt_config(model)
     if config is None or not _prompt_modules(model)[0].enabled:
         yield model

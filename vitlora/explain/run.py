@@ -125,7 +125,7 @@ def explain_images(
     if not paths:
         raise ValueError(f"no images in {', '.join(map(str, inputs))}.")
     model, base, adapter = load_explained_model(adapter_path, weights)
-    class_names = adapter.class_names or [str(i) for i in range(adapter.num_classes)]
+    class_names = adapter.labels
     target = None if target_class is None else class_index(class_names, target_class)
     img_size = adapter.model_kwargs.get("img_size")
     transform, config = eval_transform(adapter.model_name, img_size), backbone_data_config(adapter.model_name, img_size)
@@ -172,7 +172,7 @@ def explain_image_png(
     """
     from vitlora.datasets import backbone_data_config, eval_transform
 
-    class_names = adapter.class_names or [str(i) for i in range(adapter.num_classes)]
+    class_names = adapter.labels
     img_size = adapter.model_kwargs.get("img_size")
     config = backbone_data_config(adapter.model_name, img_size)
     pixels = eval_transform(adapter.model_name, img_size)(image)[None]

@@ -195,7 +195,7 @@ class AdapterRegistry:
 
     def _describe(self, name: str) -> dict[str, Any]:
         adapter = self._multi.adapters[name]
-        classes = adapter.class_names or [str(i) for i in range(adapter.num_classes)]
+        classes = adapter.labels
         return {"name": name, "file": self._files[name], "classes": classes}
 
 
