@@ -398,3 +398,27 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
         val += items[:take]
         train += items[take:]
     return train, val
+
+
+def stratified_folds(samples: Sequence[Sample], folds: int, seed: int) -> list[list[Sample]]:
+    """``samples`` dealt into ``folds`` disjoint folds, each class spread evenly (seeded).
+
+    Each class is shuffled, then dealt round-robin starting where the previous class stopped,
+    so fold sizes differ by at most one image and every class with at least ``folds`` images
+    appears in every fold.
+    """
+    if folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {folds}.")
+    rng = random.Random(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    dealt: list[list[Sample]] = [[] for _ in range(folds)]
+    position = 0
+    for label in sorted(by_class):
+        items = by_class[label][:]
+        rng.shuffle(items)
+        for item in items:
+            dealt[position % folds].append(item)
+            position += 1
+    return dealt

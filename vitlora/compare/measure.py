@@ -11,11 +11,12 @@ its own per method is what makes the peak memory this method's alone.
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from vitlora.trainable import count_parameters
 from vitlora.training.export import export_adapter
 from vitlora.training.lightning_cli import build_cli
 
+PREDICTIONS_FILE = "{split}_predictions.csv"
 WARMUP_STEPS = 5
 WARMUP_ROUNDS = 2
 
@@ -191,6 +193,29 @@ def serving_models(module: nn.Module, model: nn.Module) -> dict[str, nn.Module]:
     return models
 
 
+@torch.inference_mode()
+def split_predictions(
+    module: nn.Module, loader, context: Callable[[], AbstractContextManager] = nullcontext
+) -> torch.Tensor:
+    """The top-1 class of every image the loader yields, in its order, as the module evaluates them."""
+    device = next(module.parameters()).device
+    predicted = []
+    for images, _ in loader:
+        with context():
+            predicted.append(module.evaluation_logits(images.to(device)).argmax(-1).cpu())
+    return torch.cat(predicted)
+
+
+def write_predictions(path: Path, samples: Sequence[tuple[Path, int]], predicted: torch.Tensor) -> None:
+    """path,label,predicted per image: what paired statistics compare between methods, image by image."""
+    if len(samples) != len(predicted):
+        raise ValueError(f"{path}: {len(predicted)} predictions for {len(samples)} images.")
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "predicted"])
+        writer.writerows((str(image), label, int(p)) for (image, label), p in zip(samples, predicted, strict=True))
+
+
 def measure_method(result_path: Path, fit_args: list[str], latency_rounds: int = 10) -> dict[str, Any]:
     """Trains one method as ``vitlora fit`` would with ``fit_args``, measures it, writes ``result_path``."""
     meter = TrainingMeasurements()
@@ -207,6 +232,14 @@ def measure_method(result_path: Path, fit_args: list[str], latency_rounds: int =
         raise ValueError("No validation ran (is limit_val_batches 0?): a comparison scores every method on val.")
     if data.index.splits.get("test"):
         trainer.test(module, datamodule=data)
+    device = trainer.strategy.root_device
+    module.to(device).eval()
+    for split in ("val", "test") if data.index.splits.get("test") else ("val",):
+        loader = data.val_dataloader() if split == "val" else data.test_dataloader()
+        predictions = split_predictions(module, loader, trainer.precision_plugin.forward_context)
+        write_predictions(
+            result_path.parent / PREDICTIONS_FILE.format(split=split), data.split_samples(split), predictions
+        )
 
     notes, adapter = [], None
     if checkpoint and module.hparams.method != "full":  # LoRA, prompts, tuned biases, or a probe's head
@@ -215,8 +248,6 @@ def measure_method(result_path: Path, fit_args: list[str], latency_rounds: int =
         except AdapterError as error:  # export refuses this kind of run: report it, keep the measurements
             notes.append(f"no adapter exported: {error}")
 
-    device = trainer.strategy.root_device
-    module.to(device).eval()
     images = next(iter(data.val_dataloader()))[0].to(device)
     latency = inference_latency(
         serving_models(module, module.model), images, latency_rounds, trainer.precision_plugin.forward_context

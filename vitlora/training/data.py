@@ -31,6 +31,7 @@ from vitlora.datasets import (
     eval_transform,
     expand_image_paths,
     read_dataset,
+    stratified_folds,
     stratified_split,
 )
 
@@ -58,6 +59,8 @@ class ImageDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 2,
         val_fraction: float = 0.1,
+        folds: int = 0,
+        fold: int = 0,
         scale: tuple[float, float] = (0.08, 1.0),
         hflip: float = 0.5,
         auto_augment: str | None = "rand-m9-mstd0.5-inc1",
@@ -86,6 +89,10 @@ class ImageDataModule(L.LightningDataModule):
             num_workers: Loader processes; 0 loads in the main process.
             val_fraction: Share of each class carved from train (seeded, stratified) when the
                 data has no val split.
+            folds: K-fold cross-validation when at least 2: train and val are pooled and dealt
+                into K stratified folds (seeded); fold ``fold`` is val, the others train. The test
+                split is untouched.
+            fold: Which fold is val, 0..folds-1.
             scale: Area range of the random-resized crop, as fractions of the image.
             hflip: Probability of a horizontal flip.
             auto_augment: timm auto-augment string (e.g. rand-m9-mstd0.5-inc1), trivial, or null for none.
@@ -102,6 +109,8 @@ class ImageDataModule(L.LightningDataModule):
             predict_paths: Image files or folders for predict (default: the test split, else val).
         """
         super().__init__()
+        if folds and not (folds >= 2 and 0 <= fold < folds):
+            raise ValueError(f"data.fold must be 0..{folds - 1} and data.folds at least 2, got fold {fold} of {folds}.")
         if (mixup > 0 or cutmix > 0) and batch_size % 2:
             raise ValueError(f"mixup/cutmix pair images within a batch: batch_size must be even, got {batch_size}.")
         self.save_hyperparameters()
@@ -121,7 +130,14 @@ class ImageDataModule(L.LightningDataModule):
                 download_grocery_store(self.root)
             manifest = Path(self.hparams.manifest) if self.hparams.manifest else None
             self._index = read_dataset(self.root, self.hparams.layout, manifest, self.hparams.label_level)
-            if "train" in self._index.splits and "val" not in self._index.splits and self.hparams.val_fraction > 0:
+            if self.hparams.folds:
+                self._index.splits |= cross_validation_split(
+                    self._index, self.hparams.folds, self.hparams.fold, self.hparams.seed
+                )
+                self._index.layout += (
+                    f", fold {self.hparams.fold + 1} of {self.hparams.folds} as val (train+val pooled)"
+                )
+            elif "train" in self._index.splits and "val" not in self._index.splits and self.hparams.val_fraction > 0:
                 self._index.splits["train"], self._index.splits["val"] = stratified_split(
                     self._index.splits["train"], self.hparams.val_fraction, self.hparams.seed
                 )
@@ -216,6 +232,10 @@ class ImageDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
 
+    def split_samples(self, split: str) -> list[Sample]:
+        """The images of a split that is set up, in loader order (unusable ones already skipped)."""
+        return self._datasets[split].samples
+
     @property
     def predict_samples(self) -> list[Sample]:
         """The images predicted, in loader order (unusable ones already skipped)."""
@@ -234,6 +254,17 @@ class ImageDataModule(L.LightningDataModule):
         images, targets = batch
         np.random.seed((self.hparams.seed * 1_000_003 + batches_seen(self.trainer)) % 2**32)
         return self.mixup_fn(images, targets)
+
+
+def cross_validation_split(index: DatasetIndex, folds: int, fold: int, seed: int) -> dict[str, list[Sample]]:
+    """train and val for one fold of K-fold cross-validation over the pooled train and val splits."""
+    pooled = index.splits.get("train", []) + index.splits.get("val", [])
+    if len(pooled) < folds:
+        raise DatasetError(
+            f"{folds}-fold cross-validation needs at least {folds} train+val images, found {len(pooled)}."
+        )
+    dealt = stratified_folds(pooled, folds, seed)
+    return {"train": [s for k, part in enumerate(dealt) if k != fold for s in part], "val": dealt[fold]}
 
 
 def batches_seen(trainer) -> int:
