@@ -39,6 +39,7 @@ class MethodResult:
     device: str = ""
     curve: list[dict[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    prediction_files: list[str] = field(default_factory=list)  # val_predictions.csv of each run (fold)
 
     @property
     def ok(self) -> bool:

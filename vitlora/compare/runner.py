@@ -84,7 +84,8 @@ def run_method(method: MethodSpec, run_dir: Path, args: Sequence[str], latency_r
         "wall_s": time.perf_counter() - start,
     }
     if process.returncode == 0 and result_path.is_file():
-        return MethodResult(**described, **json.loads(result_path.read_text()))
+        predictions = [str(run_dir / "val_predictions.csv")] if (run_dir / "val_predictions.csv").is_file() else []
+        return MethodResult(**described, **json.loads(result_path.read_text()), prediction_files=predictions)
     return MethodResult(**described, error=f"exit code {process.returncode}: {_last_words(run_dir / 'train.log')}")
 
 
