@@ -6,7 +6,7 @@ import torch
 from conftest import SHARED, make_image_folder
 from PIL import Image
 
-from vitlora.datasets import DatasetError, EpochShuffler, read_dataset
+from vitlora.datasets import DatasetError, EpochShuffler, read_dataset, stratified_folds
 from vitlora.training.data import ImageDataModule
 
 GROCERY = SHARED / "data" / "grocery-store"
@@ -196,6 +196,36 @@ def test_val_is_carved_from_train_when_absent(tmp_path):
     index = module(tmp_path, val_fraction=0.2).index
     assert len(index.splits["val"]) == 6 and len(index.splits["train"]) == 24
     assert {label for _, label in index.splits["val"]} == {0, 1, 2}
+
+
+def test_stratified_folds_partition_the_samples_evenly_per_class_and_follow_the_seed():
+    samples = [(Path(f"{label}_{i}.jpg"), label) for label, count in enumerate([7, 5, 2, 9]) for i in range(count)]
+    dealt = stratified_folds(samples, 3, seed=1)
+    assert sorted(s for fold in dealt for s in fold) == sorted(samples)  # disjoint and complete
+    assert max(map(len, dealt)) - min(map(len, dealt)) <= 1
+    for label, count in enumerate([7, 5, 2, 9]):
+        per_fold = [sum(s[1] == label for s in fold) for fold in dealt]
+        assert max(per_fold) - min(per_fold) <= 1 and sum(per_fold) == count
+    assert stratified_folds(samples, 3, seed=1) == dealt
+    assert stratified_folds(samples, 3, seed=2) != dealt
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        stratified_folds(samples, 1, seed=1)
+
+
+def test_cross_validation_pools_train_and_val_and_leaves_test_alone(tmp_path):
+    make_image_folder(tmp_path, per_split={"train": 8, "val": 3, "test": 3})
+    plain = module(tmp_path).index.splits
+    pooled = sorted(plain["train"] + plain["val"])
+    vals = []
+    for fold in range(4):
+        splits = module(tmp_path, folds=4, fold=fold).index.splits
+        assert sorted(splits["train"] + splits["val"]) == pooled and not set(splits["train"]) & set(splits["val"])
+        assert splits["test"] == plain["test"]
+        vals += splits["val"]
+    assert sorted(vals) == pooled  # every train+val image is val in exactly one fold
+    for folds, fold in [(4, 4), (1, 0), (3, -1)]:
+        with pytest.raises(ValueError, match="data.fold must be"):
+            module(tmp_path, folds=folds, fold=fold)
 
 
 @pytest.mark.skipif(not (GROCERY / "train.txt").is_file(), reason="../shared grocery data absent")

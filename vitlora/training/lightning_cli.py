@@ -63,7 +63,11 @@ def native_precision(precision, accelerator) -> str | int | None:
     float32; the recipes ask for bf16-mixed because GPUs and recent CPUs run it natively."""
     if not str(precision).startswith("bf16") or not runs_on_cpu(accelerator):
         return precision
-    return precision if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+    return precision if cpu_has_bf16() else "32-true"
+
+
+def cpu_has_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def runs_on_cpu(accelerator) -> bool:
