@@ -224,7 +224,7 @@ def test_cross_validation_pools_train_and_val_and_leaves_test_alone(tmp_path):
         vals += splits["val"]
     assert sorted(vals) == pooled  # every train+val image is val in exactly one fold
     for folds, fold in [(4, 4), (1, 0), (3, -1)]:
-        with pytest.raises(ValueError, match="data.fold must be"):
+        with pytest.raises(ValueError, match=r"data\.fold must be"):
             module(tmp_path, folds=folds, fold=fold)
 
 
