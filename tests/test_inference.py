@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 from conftest import make_adapter, make_workspace
 
 from vitlora import LoRAConfig
@@ -77,3 +78,22 @@ def test_the_command_streams_csv_and_refuses_other_suffixes(catalog, capsys):
         main(["classify", str(catalog / "fruit.safetensors"), str(catalog / "data"), "--output", "preds.txt"])
     with pytest.raises(ValueError, match=r"must end in \.csv or \.jsonl"):
         classify_files(catalog / "fruit.safetensors", [catalog / "data"], catalog / "x.json")
+
+
+def test_tta_views_are_the_batch_its_mirror_and_a_central_zoom_of_both():
+    from vitlora.inference import tta_views
+
+    images = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    assert [v.data_ptr() for v in tta_views(images, "none")] == [images.data_ptr()]
+    plain, mirror = tta_views(images, "flip")
+    assert torch.equal(plain, images) and torch.equal(mirror, images.flip(-1))
+    views = tta_views(images, "flip-zoom")
+    assert len(views) == 4 and all(v.shape == images.shape for v in views)
+    assert torch.equal(views[3], views[2].flip(-1))
+    constant = torch.full((1, 3, 16, 16), 0.25)
+    assert torch.allclose(tta_views(constant, "flip-zoom")[2], constant)  # a zoom only rescales
+    ramp = torch.arange(16.0).expand(1, 1, 16, 16).contiguous()  # columns 0..15; the zoom keeps 1..14
+    zoom_row = tta_views(ramp, "flip-zoom")[2][0, 0, 0]
+    assert 0.5 < zoom_row[0] < 1.6 and 13.4 < zoom_row[-1] < 14.5 and torch.all(zoom_row.diff() > 0)
+    with pytest.raises(ValueError, match="Unknown test-time augmentation"):
+        tta_views(images, "crops")

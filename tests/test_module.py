@@ -7,6 +7,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from vitlora import activation_bytes, read_adapter, saved_for_backward
 from vitlora.backbone import WeightsUnavailable, create_backbone
+from vitlora.inference import tta_views
 from vitlora.lora import LoRAConfig, lora_config, lora_modules
 from vitlora.prompts import PromptConfig, prompt_config
 from vitlora.training.data import ImageDataModule
@@ -413,3 +414,19 @@ def test_real_weights_file_through_the_module():
         class_names=["a", "b"],
     )
     assert model.model.head.out_features == 2 and lora_modules(model.model)
+
+
+def test_tta_averages_the_logits_of_its_views_and_true_means_flip():
+    model = classifier(tta=True).eval()
+    assert model.hparams.tta == "flip"
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = (model(images) + model(images.flip(-1))) / 2
+        assert torch.allclose(model.evaluation_logits(images), expected, atol=1e-6)
+        zoomed = classifier(tta="flip-zoom").eval()
+        zoomed.load_state_dict(model.state_dict())
+        four = torch.stack([zoomed(view) for view in tta_views(images, "flip-zoom")]).mean(0)
+        assert torch.allclose(zoomed.evaluation_logits(images), four, atol=1e-6)
+        assert torch.equal(classifier(tta=False).eval().evaluation_logits(images), classifier().eval()(images))
+    with pytest.raises(ValueError, match="tta must be one of"):
+        classifier(tta="crops")

@@ -18,6 +18,7 @@ from typing import IO
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -28,6 +29,38 @@ from vitlora.files import atomic_write
 from vitlora.images import BadImage, load_rgb
 
 STREAMED_SUFFIXES = (".csv", ".jsonl")
+
+
+TTA_MODES = ("none", "flip", "flip-zoom")
+
+
+def tta_views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The views test-time augmentation averages over, for a batch of eval-transformed images.
+
+    Args:
+        images: A batch ``(N, C, H, W)``, already resized and cropped for the model.
+        mode: none (the batch), flip (and its mirror image), or flip-zoom (both, plus the central
+            87.5% of each scaled back up: product photos often frame the item loosely).
+
+    Returns:
+        The views, each shaped like ``images``.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode not in TTA_MODES:
+        raise ValueError(f"Unknown test-time augmentation {mode!r}: choose one of {list(TTA_MODES)}.")
+    views = [images]
+    if mode in ("flip", "flip-zoom"):
+        views.append(images.flip(-1))
+    if mode == "flip-zoom":
+        height, width = images.shape[-2:]
+        crop_h, crop_w = round(height * 0.875), round(width * 0.875)
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        centre = images[..., top : top + crop_h, left : left + crop_w]
+        zoom = F.interpolate(centre, size=(height, width), mode="bicubic", align_corners=False)
+        views += [zoom, zoom.flip(-1)]
+    return views
 
 
 def top_k_rows(paths: list[str], probabilities: torch.Tensor, class_names: list[str], k: int) -> list[dict]:

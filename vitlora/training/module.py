@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -26,6 +26,7 @@ from torchmetrics.classification import (
 from vitlora.adapt import Method, adapt_backbone, check_adaptation
 from vitlora.adapter import base_fingerprint, class_labels
 from vitlora.backbone import create_backbone
+from vitlora.inference import TTA_MODES, tta_views
 from vitlora.lora import LoRAConfig, lora_modules
 from vitlora.prompts import PromptConfig
 from vitlora.targets import classifier_prefixes
@@ -55,7 +56,7 @@ class ImageClassifier(L.LightningModule):
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.1,
         drop_path_rate: float = 0.0,
-        tta: bool = False,
+        tta: bool | Literal["none", "flip", "flip-zoom"] = False,
         seed: int = 0,
         gradient_checkpointing: bool = False,
         train_last_blocks: int | None = None,
@@ -86,7 +87,8 @@ class ImageClassifier(L.LightningModule):
             min_lr_ratio: The cosine schedule ends at this fraction of the peak rates.
             label_smoothing: Cross-entropy label smoothing.
             drop_path_rate: Stochastic depth of the backbone's blocks.
-            tta: Evaluate each image and its mirror image and average the logits.
+            tta: Test-time augmentation: average the logits of each image and its mirror image
+                (true or flip), also of a central zoom of both (flip-zoom), or none (false).
             seed: Set from seed_everything: dropout and drop-path per batch.
             gradient_checkpointing: Recompute each block in backward instead of keeping its
                 activations: less memory, about a third more time.
@@ -111,9 +113,13 @@ class ImageClassifier(L.LightningModule):
             raise ValueError("num_classes (or class_names) is required; the CLI takes them from the data.")
         if lora_plus_ratio is not None and not lora_plus_ratio > 0:
             raise ValueError(f"lora_plus_ratio must be a positive number (None or 1 for off), got {lora_plus_ratio!r}.")
+        tta = {True: "flip", False: "none"}.get(tta, tta)
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {[True, False, *TTA_MODES]}, got {tta!r}.")
         if weights:  # checkpoints rebuild the base from here: keep it valid from any working directory
             weights = str(Path(weights).resolve())
         self.save_hyperparameters(ignore=["lora", "prompt"])
+        self.hparams["tta"] = tta
         self.hparams["weights"] = weights  # resolved (LightningCLI hands over its raw config as hparams)
         self.hparams["lora"] = asdict(lora)
         self.hparams["prompt"] = asdict(prompt) if prompt is not None else None
@@ -171,10 +177,8 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self(images)
-        if self.hparams.tta:
-            logits = (logits + self(images.flip(-1))) / 2
-        return logits
+        views = tta_views(images, self.hparams.tta)
+        return torch.stack([self(view) for view in views]).mean(0)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
