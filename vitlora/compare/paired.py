@@ -2,7 +2,8 @@
 
 Two methods evaluated on the same val images make correlated mistakes (a blurry photo is hard for both), so
 their accuracies are compared image by image: only the images where exactly one of them is right carry
-evidence of a difference. Treating the two accuracies as independent samples overstates the noise several-fold.
+evidence of a difference. Treating the two accuracies as independent samples overstates the noise whenever, as
+usual, the methods mostly agree.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def read_correct(files: Iterable[str | os.PathLike]) -> dict[str, bool]:
 
     Raises:
         ValueError: a file is unreadable, lacks a column, has a malformed row, or scores an image
-            already scored (in it or an earlier file); the message names the file and line.
+            already scored (in it or an earlier file); the message names the file (and the line).
     """
     correct: dict[str, bool] = {}
     seen_in: dict[str, str] = {}
@@ -116,9 +117,11 @@ def bootstrap_interval(
 ) -> tuple[float, float]:
     """Percentile interval of the accuracy difference (first - second) when the images are resampled in pairs.
 
-    Resampling the images with replacement draws each kind of image (only the first right, only the
-    second right, both alike) a multinomial number of times, and the difference depends on those counts
-    alone. Drawing the counts directly is the same bootstrap in O(rounds) instead of O(rounds x images).
+    The sample gets one pseudo-image of each discordant kind (Bonett and Price's adjustment for paired
+    proportions), so that methods agreeing on a few images do not claim a zero-width interval. Resampling
+    images with replacement draws each kind of image (only the first right, only the second right, both
+    alike) a multinomial number of times, and the difference depends on those counts alone: drawing the
+    counts directly is the same bootstrap in O(rounds) instead of O(rounds x images).
 
     Args:
         first_only: images only the first method gets right.
@@ -136,13 +139,16 @@ def bootstrap_interval(
     """
     if images <= 0 or first_only < 0 or second_only < 0 or first_only + second_only > images:
         raise ValueError(f"{first_only} + {second_only} discordant images do not fit in {images} images.")
+    size = images + 2  # with the two pseudo-images
     generator = torch.Generator().manual_seed(seed)
-    total = torch.full((rounds,), float(images), dtype=torch.float64)
-    drawn_first = torch.binomial(total, torch.full_like(total, first_only / images), generator=generator)
-    second_share = second_only / (images - first_only) if images > first_only else 0.0
-    drawn_second = torch.binomial(total - drawn_first, torch.full_like(total, second_share), generator=generator)
+    total = torch.full((rounds,), float(size), dtype=torch.float64)
+    drawn_first = torch.binomial(total, torch.full_like(total, (first_only + 1) / size), generator=generator)
+    second_given_not_first = (second_only + 1) / (size - first_only - 1)
+    drawn_second = torch.binomial(
+        total - drawn_first, torch.full_like(total, second_given_not_first), generator=generator
+    )
     tails = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    low, high = torch.quantile((drawn_first - drawn_second) / images, tails).tolist()
+    low, high = torch.quantile((drawn_first - drawn_second) / size, tails).tolist()
     return low, high
 
 
