@@ -112,6 +112,7 @@ def test_accuracies_are_those_the_run_logged(comparison):
             f"| {result.name} | {100 * result.val['top1']:.1f} | - | {100 * result.val['macro_f1']:.1f} |"
         )
     assert report["reading"] == comparison_reading(list(results.values()))
+    assert [(p["method"], p["images"]) for p in report["paired"]] in ([("full", 9)], [("lora", 9)])
 
 
 def test_speed_memory_and_latency_are_measured(comparison):
@@ -257,9 +258,9 @@ def test_standard_error_is_binomial_and_never_zero():
 
 
 def test_reading_picks_the_cheapest_method_within_noise_of_the_best():
-    lines = comparison_reading(three_methods(lora_top1=0.90, full_top1=0.91, images=1000))
-    assert lines[0].startswith("**full** is the most accurate on val: top-1 91.0% on 1000 images")
-    assert "lora is 1.0 points lower: within noise" in lines[1]
+    lines = comparison_reading(three_methods(lora_top1=0.90, full_top1=0.91, images=2000))
+    assert lines[0].startswith("**full** is the most accurate on val: top-1 91.0% on 2,000 images")
+    assert "lora is 1.0 points lower: within noise (unpaired: no per-image predictions;" in lines[1]
     assert "linear is 31.0 points lower: a real gap" in lines[2]
     pick = next(line for line in lines if line.startswith("Pick"))
     assert pick.startswith("Pick **lora**: as accurate as full within noise, training 1% of the parameters")
@@ -280,7 +281,9 @@ def test_reading_with_few_val_images_calls_the_same_gap_noise():
     lines = comparison_reading(three_methods(lora_top1=0.80, full_top1=0.90, images=40))
     assert "lora is 10.0 points lower: within noise" in lines[1]
     assert next(line for line in lines if line.startswith("Pick")).startswith("Pick **lora**")
-    assert "With 40 val images, gaps up to" in lines[-1]
+    width = 4 * math.hypot(standard_error(0.9, 40), standard_error(0.8, 40))  # the gap +- two standard errors
+    assert f"{100 * width:.1f}" == "32.7"
+    assert lines[-1].startswith("A close call's 95% interval of the difference spans 33 points with 40 val images")
 
 
 def test_reading_without_finished_methods():

@@ -16,7 +16,8 @@ from PIL import Image
 
 from vitlora._version import __version__
 from vitlora.charts import bar_chart, line_chart, scatter_chart
-from vitlora.compare.reading import comparison_reading
+from vitlora.compare.paired import BOOTSTRAP_ROUNDS, PairedComparison
+from vitlora.compare.reading import comparison_reading, paired_with_best, standings
 from vitlora.compare.result import MethodResult, megabytes
 from vitlora.files import atomic_write
 
@@ -24,15 +25,18 @@ from vitlora.files import atomic_write
 def write_report(output: Path, results: Sequence[MethodResult], settings: Mapping[str, Any]) -> None:
     """report.md, report.json and the charts, each written atomically."""
     reading = comparison_reading(results)
+    ranked = standings(results)
+    best, pairs = (ranked[0].result.name if ranked else ""), paired_with_best(ranked)
     environment = {"machine": machine_summary(results), "versions": versions()}
     for name, image in report_charts(results).items():
         with atomic_write(output / name) as tmp:
             image.save(tmp, format="PNG")
-    report = {**settings, **environment, "reading": reading, "methods": [asdict(r) for r in results]}
+    paired = [{"method": name, "against": best, **asdict(pair)} for name, pair in pairs.items()]
+    report = {**settings, **environment, "reading": reading, "paired": paired, "methods": [asdict(r) for r in results]}
     with atomic_write(output / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     with atomic_write(output / "report.md") as tmp:
-        tmp.write_text("\n".join(_markdown(output, results, settings, environment, reading)) + "\n")
+        tmp.write_text("\n".join(_markdown(output, results, settings, environment, reading, best, pairs)) + "\n")
 
 
 def report_charts(results: Sequence[MethodResult]) -> dict[str, Image.Image]:
@@ -64,6 +68,8 @@ def _markdown(
     settings: Mapping[str, Any],
     environment: Mapping[str, Any],
     reading: list[str],
+    best: str,
+    pairs: Mapping[str, PairedComparison],
 ) -> Iterator[str]:
     done = [r for r in results if r.ok]
     with_test = any(r.test for r in done)
@@ -91,6 +97,9 @@ def _markdown(
     images = {f"{r.val_images} val" + (f", {r.test_images} test" if r.test else "") for r in done}
     yield ""
     yield f"Scores in %, on {' / '.join(sorted(images))} images, for the weights at the end of training."
+    if pairs:
+        yield ""
+        yield from _paired_table(best, pairs)
     yield ""
     yield "## Cost"
     yield ""
@@ -139,6 +148,28 @@ def _markdown(
     yield ""
     yield from (f"- {key}: {value}" for key, value in environment["machine"].items())
     yield "- versions: " + ", ".join(f"{name} {version}" for name, version in environment["versions"].items())
+
+
+def _paired_table(best: str, pairs: Mapping[str, PairedComparison]) -> Iterator[str]:
+    yield "## Paired comparisons"
+    yield ""
+    yield from _table([
+        "method", "images", "val top-1", f"{best} val top-1", f"{best} ahead by (points)", "95% interval (points)",
+        "McNemar p", f"only {best} right", "only method right",
+    ])  # fmt: skip
+    for name, pair in pairs.items():
+        low, high = pair.interval
+        yield _row([
+            name, f"{pair.images:,}", _percent(pair.second_accuracy), _percent(pair.first_accuracy),
+            f"{100 * pair.difference:.1f}", f"{100 * low:.1f} to {100 * high:.1f}", f"{pair.p_value:.3g}",
+            f"{pair.first_only:,}", f"{pair.second_only:,}",
+        ])  # fmt: skip
+    yield ""
+    yield (
+        f"Each method against {best}, the most accurate, on the val images both scored (their prediction files, "
+        f"pooled over folds). The interval is a paired bootstrap ({BOOTSTRAP_ROUNDS:,} resamples of the images); "
+        "McNemar's exact test weighs the images exactly one of the two gets right, and p < 0.05 is a real gap."
+    )
 
 
 def _table(columns: list[str]) -> Iterator[str]:
