@@ -151,6 +151,16 @@ class ImageDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    # Linked into the model like class_names: it scores predictions on the coarse level too.
+    @property
+    def fine_to_coarse(self) -> list[int] | None:
+        """The coarse class index of each class, where the layout has coarse classes (else None)."""
+        return self.index.fine_to_coarse
+
+    @property
+    def coarse_class_names(self) -> list[str] | None:
+        return self.index.coarse_class_names
+
     def transform(self, train: bool):
         config = backbone_data_config(self.hparams.backbone, self.hparams.img_size)
         if not train:
