@@ -87,17 +87,16 @@ def make_image_folder(root: Path, classes=("apple", "banana", "cherry"), per_spl
 GROCERY_CLASSES = (("Granny-Smith", "Apple"), ("Pink-Lady", "Apple"), ("Banana", "Banana"), ("Oat-Milk", "Milk"))
 
 
-def make_grocery_folder(root: Path, per_split=None) -> Path:
-    """A Grocery-Store-layout folder: 4 fine classes in 3 coarse ones (two apples), images from make_image_folder."""
+def make_grocery_folder(root: Path, classes=GROCERY_CLASSES, per_split=None) -> Path:
+    """A Grocery-Store-layout folder of ``(fine, coarse)`` classes, by default 4 fine classes in 3
+    coarse ones (two apples); the images are make_image_folder's."""
     per_split = per_split or {"train": 4, "val": 2, "test": 3}
-    fine_names = [fine for fine, _ in GROCERY_CLASSES]
-    coarse_names = list(dict.fromkeys(coarse for _, coarse in GROCERY_CLASSES))
-    coarse_ids = [coarse_names.index(coarse) for _, coarse in GROCERY_CLASSES]
+    fine_names = [fine for fine, _ in classes]
+    coarse_names = list(dict.fromkeys(coarse for _, coarse in classes))
+    coarse_ids = [coarse_names.index(coarse) for _, coarse in classes]
     make_image_folder(root, classes=fine_names, per_split=per_split)
     rows = ["Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int),Iconic Image Path (str)"]
-    rows += [
-        f"{fine},{i},{coarse},{coarse_ids[i]},/iconic/{fine}.jpg" for i, (fine, coarse) in enumerate(GROCERY_CLASSES)
-    ]
+    rows += [f"{fine},{i},{coarse},{coarse_ids[i]},/iconic/{fine}.jpg" for i, (fine, coarse) in enumerate(classes)]
     (root / "classes.csv").write_text("\n".join(rows) + "\n")
     for split, count in per_split.items():
         lines = [

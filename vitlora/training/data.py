@@ -81,7 +81,8 @@ class ImageDataModule(L.LightningDataModule):
                 Grocery-style folder, or a folder with one CSV manifest) or a CSV file.
             layout: How root is organised; auto detects it and names it when fit starts.
             manifest: A CSV with columns path,label[,split] (paths relative to the CSV's folder).
-            label_level: Grocery layout only: fine (81 classes) or coarse (43) labels.
+            label_level: Grocery layout only: fine (81 classes) or coarse (43) labels. With fine
+                labels validation and test also report coarse_top1 (predictions mapped to coarse classes).
             backbone: Set from model.backbone: its resolution, mean/std and crop shape the transforms.
             img_size: Set from model.img_size: another input resolution than the backbone's.
             batch_size: Training images per step (per device under DDP).

@@ -340,7 +340,9 @@ class ImageClassifier(L.LightningModule):
             state.setdefault(key, tensor)
 
 
-def check_coarse_classes(fine_to_coarse: list[int] | None, coarse_class_names: list[str] | None, num_classes: int):
+def check_coarse_classes(
+    fine_to_coarse: list[int] | None, coarse_class_names: list[str] | None, num_classes: int
+) -> None:
     """Both or neither given, one coarse class per class, every one among the coarse names."""
     if (fine_to_coarse is None) != (coarse_class_names is None):
         raise ValueError("fine_to_coarse and coarse_class_names go together: give both or neither.")
