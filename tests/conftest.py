@@ -84,6 +84,30 @@ def make_image_folder(root: Path, classes=("apple", "banana", "cherry"), per_spl
     return root
 
 
+GROCERY_CLASSES = (("Granny-Smith", "Apple"), ("Pink-Lady", "Apple"), ("Banana", "Banana"), ("Oat-Milk", "Milk"))
+
+
+def make_grocery_folder(root: Path, classes=GROCERY_CLASSES, per_split=None) -> Path:
+    """A Grocery-Store-layout folder of ``(fine, coarse)`` classes, by default 4 fine classes in 3
+    coarse ones (two apples); the images are make_image_folder's."""
+    per_split = per_split or {"train": 4, "val": 2, "test": 3}
+    fine_names = [fine for fine, _ in classes]
+    coarse_names = list(dict.fromkeys(coarse for _, coarse in classes))
+    coarse_ids = [coarse_names.index(coarse) for _, coarse in classes]
+    make_image_folder(root, classes=fine_names, per_split=per_split)
+    rows = ["Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int),Iconic Image Path (str)"]
+    rows += [f"{fine},{i},{coarse},{coarse_ids[i]},/iconic/{fine}.jpg" for i, (fine, coarse) in enumerate(classes)]
+    (root / "classes.csv").write_text("\n".join(rows) + "\n")
+    for split, count in per_split.items():
+        lines = [
+            f"{split}/{fine}/{fine}_{k}.png, {i}, {coarse_ids[i]}"
+            for i, fine in enumerate(fine_names)
+            for k in range(count)
+        ]
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
 def make_workspace(root: Path) -> Path:
     """``root/data`` (make_image_folder) and ``root/base.safetensors``: a tiny random ViT as the "pretrained" file."""
     from safetensors.torch import save_file

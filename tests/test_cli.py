@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import TINY, make_image_folder, make_workspace
+from conftest import TINY, make_grocery_folder, make_image_folder, make_workspace
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -71,6 +71,33 @@ def test_validate_and_test_from_the_checkpoint(workspace, lora_run):
     run(workspace, "validate", "--ckpt_path", ckpt, name="validate")
     folder = run(workspace, "test", "--ckpt_path", ckpt, name="test")
     assert (folder / "confusion_matrix.png").is_file() and (folder / "per_class_accuracy.csv").is_file()
+
+
+def test_grocery_layout_test_reports_coarse_top1_from_the_fine_model(workspace, capsys):
+    """Fit and `vitlora test --ckpt_path` on a tiny Grocery-layout folder: 4 fine classes, 3 coarse."""
+    grocery = make_grocery_folder(workspace / "grocery")
+    fit = run(workspace, "fit", name="grocery", options=("--data.root", str(grocery)))
+    assert "val/coarse_top1" in capsys.readouterr().out  # the epoch line
+    ckpt = fit / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["fine_to_coarse"] == [0, 0, 1, 2]
+    assert "fine_to_coarse" not in (fit / "config.yaml").read_text()  # linked from the data, like class_names
+    folder = run(
+        workspace, "test", "--ckpt_path", str(ckpt), name="grocery_test", options=("--data.root", str(grocery))
+    )
+    assert "test/coarse_top1" in capsys.readouterr().out
+    logged = {k: float(v) for row in csv.DictReader((folder / "metrics.csv").open()) for k, v in row.items() if v}
+
+    # by hand: the checkpoint's fine prediction of each test image, mapped to its coarse class
+    module = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True).eval()
+    transform = eval_transform("vit_tiny_patch16_224", 32)
+    lines = [line.split(", ") for line in (grocery / "test.txt").read_text().splitlines()]
+    with torch.no_grad():
+        predicted = module(torch.stack([transform(load_rgb(grocery / path)) for path, _, _ in lines])).argmax(-1)
+    coarse = torch.tensor([0, 0, 1, 2])
+    right = coarse[predicted] == torch.tensor([int(c) for _, _, c in lines])
+    assert logged["test/coarse_top1"] == pytest.approx(right.float().mean().item(), abs=1e-6)
+    rows = list(csv.DictReader((folder / "coarse_per_class_accuracy.csv").open()))
+    assert [(row["class"], int(row["support"])) for row in rows] == [("Apple", 6), ("Banana", 3), ("Milk", 3)]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED, make_image_folder
+from conftest import SHARED, make_grocery_folder, make_image_folder
 from PIL import Image
 
 from vitlora.datasets import DatasetError, EpochShuffler, read_dataset, stratified_folds
@@ -50,6 +50,61 @@ def test_grocery_layout_fine_and_coarse(tmp_path):
     assert read_dataset(tmp_path).class_names == ["Golden-Delicious", "Banana"]
     coarse = read_dataset(tmp_path, label_level="coarse")
     assert coarse.class_names == ["Apple", "Banana"] and coarse.splits["train"][1][1] == 1
+
+
+def test_grocery_fine_labels_carry_each_class_coarse_class_and_the_data_module_exposes_it(tmp_path):
+    make_grocery_folder(tmp_path)
+    index = read_dataset(tmp_path)
+    assert index.class_names == ["Granny-Smith", "Pink-Lady", "Banana", "Oat-Milk"]
+    assert index.fine_to_coarse == [0, 0, 1, 2] and index.coarse_class_names == ["Apple", "Banana", "Milk"]
+    data = module(tmp_path)
+    assert data.fine_to_coarse == [0, 0, 1, 2] and data.coarse_class_names == ["Apple", "Banana", "Milk"]
+    coarse = read_dataset(tmp_path, label_level="coarse")  # the labels are the coarse classes already
+    assert coarse.class_names == ["Apple", "Banana", "Milk"] and coarse.splits["test"][4][1] == 0
+    assert coarse.fine_to_coarse is None and coarse.coarse_class_names is None
+
+
+def test_layouts_without_coarse_classes_have_no_mapping(tmp_path):
+    make_image_folder(tmp_path)
+    (tmp_path / "m.csv").write_text("path,label\ntrain/apple/apple_0.png,apple\n")
+    for index in (read_dataset(tmp_path), read_dataset(tmp_path / "m.csv")):
+        assert index.fine_to_coarse is None and index.coarse_class_names is None
+    assert module(tmp_path).fine_to_coarse is None
+
+
+@pytest.mark.parametrize(
+    ("file", "edit", "message"),
+    [
+        (  # Pink-Lady listed a second time, in Banana
+            "classes.csv",
+            lambda text: text + "Pink-Lady,1,Banana,1,/iconic/x.jpg\n",
+            r"classes\.csv:6: fine class 1 \(Pink-Lady\) has coarse id 1 here but 0 on line 3",
+        ),
+        (
+            "classes.csv",
+            lambda text: text.replace("Oat-Milk,3,Milk,2", "Oat-Milk,3,Oats,1"),
+            r"classes\.csv:5: coarse id 1 is named 'Oats' here but 'Banana' above",
+        ),
+        (
+            "classes.csv",
+            lambda text: text.replace("Oat-Milk,3,Milk,2", "Oat-Milk,3,Milk,5"),
+            r"classes\.csv: coarse class ids are not 0\.\.2",
+        ),
+        (  # the second Banana image (line 10) put into Apple
+            "train.txt",
+            lambda text: text.replace("Banana_1.png, 2, 1", "Banana_1.png, 2, 0"),
+            r"train\.txt:10: fine class 2 \(Banana\) has coarse id 0 here but 1 \(Banana\) in classes\.csv",
+        ),
+    ],
+)
+def test_a_fine_class_in_two_coarse_classes_is_refused_naming_file_and_line(tmp_path, file, edit, message):
+    make_grocery_folder(tmp_path)
+    path = tmp_path / file
+    before = path.read_text()
+    path.write_text(edit(before))
+    assert path.read_text() != before  # the edit took
+    with pytest.raises(DatasetError, match=message):
+        read_dataset(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -235,6 +290,10 @@ def test_real_grocery_store_layout():
     assert len(index.splits["train"]) == 2640 and len(index.splits["val"]) == 296
     # classes.csv has coarse ids 0..42 (43 classes; the copy's README says 42)
     assert len(read_dataset(GROCERY, label_level="coarse").class_names) == 43
+    # every listed image's coarse id agrees with classes.csv (read_dataset checks each line)
+    coarse = dict(zip(index.class_names, (index.coarse_class_names[c] for c in index.fine_to_coarse), strict=True))
+    assert coarse["Granny-Smith"] == coarse["Pink-Lady"] == "Apple" and coarse["Oatly-Oat-Milk"] == "Oat-Milk"
+    assert len(set(index.fine_to_coarse)) == len(index.coarse_class_names) == 43
 
 
 def test_strong_randaugment_never_crashes_on_posterize(tmp_path):

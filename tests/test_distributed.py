@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_workspace
+from conftest import make_grocery_folder, make_workspace
 from safetensors.torch import load_file
 
 from vitlora import read_adapter
@@ -64,6 +64,9 @@ def in_subprocess(workspace: Path, argv: list[str]) -> None:
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     make_workspace(root)
+    # the same 3 classes' images in the Grocery layout, two of them in one coarse class
+    apples = (("Granny-Smith", "Apple"), ("Pink-Lady", "Apple"), ("Banana", "Banana"))
+    make_grocery_folder(root / "grocery", apples, per_split={"train": 2, "val": 3, "test": 3})
     in_subprocess(root, fit(root, "ddp", 2, *DDP))  # 2 ranks x batch 2
     main(fit(root, "single", 4))  # the same global batch in one process
     main(fit(root, "rank_batch", 2))  # one process with only one rank's batch: must differ
@@ -129,22 +132,28 @@ def logged_metrics(workspace: Path, name: str) -> dict[str, float]:
     return {key: float(value) for row in rows for key, value in row.items() if value and key != "step"}
 
 
+@pytest.mark.parametrize("data", ["data", "grocery"])
 @pytest.mark.parametrize("stage", ["validate", "test"])
-def test_ddp_evaluation_counts_every_image_once_like_one_process(workspace, stage):
-    """9 images on 2 ranks in batches of 2: shares of 5 and 4 images, 3 and 2 batches, no padded repeats."""
+def test_ddp_evaluation_counts_every_image_once_like_one_process(workspace, stage, data):
+    """9 images on 2 ranks in batches of 2: shares of 5 and 4 images, 3 and 2 batches, no padded repeats.
+    On the Grocery layout the coarse-class metrics too."""
     checkpoint = str(workspace / "runs" / "single" / "version_0" / "checkpoints" / "last.ckpt")
     args = ("--ckpt_path", checkpoint, "--data.batch_size", "2", "--trainer.limit_val_batches", "null")
-    in_subprocess(workspace, command(workspace, stage, f"{stage}_ddp", *args, *DDP))
-    main(command(workspace, stage, f"{stage}_single", *args))
-    ddp, single = logged_metrics(workspace, f"{stage}_ddp"), logged_metrics(workspace, f"{stage}_single")
+    args += ("--data.root", str(workspace / data))
+    name = f"{stage}_{data}"
+    in_subprocess(workspace, command(workspace, stage, f"{name}_ddp", *args, *DDP))
+    main(command(workspace, stage, f"{name}_single", *args))
+    ddp, single = logged_metrics(workspace, f"{name}_ddp"), logged_metrics(workspace, f"{name}_single")
     split = "val" if stage == "validate" else "test"
     assert {f"{split}/top1", f"{split}/macro_f1"} <= single.keys() == ddp.keys()
+    assert (f"{split}/coarse_top1" in single) == (data == "grocery")
     for key, value in single.items():
         assert ddp[key] == pytest.approx(value, abs=1e-6, rel=0), key
     if stage == "test":
-        reports = {
-            name: list(csv.DictReader((workspace / "runs" / name / "version_0" / "per_class_accuracy.csv").open()))
-            for name in ("test_ddp", "test_single")
-        }
-        assert sum(int(row["support"]) for row in reports["test_single"]) == 9
-        assert reports["test_ddp"] == reports["test_single"]
+        for report in ("per_class_accuracy.csv", "coarse_per_class_accuracy.csv")[: 1 + (data == "grocery")]:
+            rows = {
+                run: list(csv.DictReader((workspace / "runs" / f"{name}_{run}" / "version_0" / report).open()))
+                for run in ("ddp", "single")
+            }
+            assert sum(int(row["support"]) for row in rows["single"]) == 9
+            assert rows["ddp"] == rows["single"]

@@ -2,7 +2,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REAL_WEIGHTS, TINY, make_image_folder, randomize_lora
+from conftest import REAL_WEIGHTS, TINY, make_grocery_folder, make_image_folder, randomize_lora
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from vitlora import activation_bytes, read_adapter, saved_for_backward
@@ -340,6 +340,92 @@ def test_test_stage_writes_metrics_per_class_accuracy_and_confusion_png(tmp_path
     per_class = (tmp_path / "per_class_accuracy.csv").read_text().splitlines()
     assert per_class[0] == "class,accuracy,support" and per_class[1].startswith("apple,")
     assert Image.open(tmp_path / "confusion_matrix.png").size[0] > 30
+    # class folders have no coarse classes: no coarse metric, no coarse report
+    assert not [key for key in [*result, *run.callback_metrics] if "coarse" in key]
+    assert not (tmp_path / "coarse_per_class_accuracy.csv").exists()
+
+
+GROCERY_LABELS = dict(
+    class_names=["Granny-Smith", "Pink-Lady", "Banana", "Oat-Milk"],
+    fine_to_coarse=[0, 0, 1, 2],
+    coarse_class_names=["Apple", "Banana", "Milk"],
+)
+
+
+@pytest.mark.parametrize("stage", ["validation", "test"])
+def test_coarse_top1_counts_a_wrong_fine_class_inside_the_right_coarse_class(monkeypatch, stage):
+    model = classifier("linear", **GROCERY_LABELS)
+    monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
+    monkeypatch.setattr(model, "log_dict", lambda *args, **kwargs: None)
+    monkeypatch.setattr(model, "evaluation_logits", lambda images: images)  # each batch brings its logits
+    step = getattr(model, f"{stage}_step")
+
+    def batch(predicted, true):
+        return F.one_hot(torch.tensor(predicted), 4).float(), torch.tensor(true)
+
+    # Granny-Smith right; Pink-Lady for Granny-Smith and Granny-Smith for Pink-Lady: wrong, but both
+    # apples; Banana for Pink-Lady: another coarse class. 3 of 4 coarse-right, 1 of 4 fine-right.
+    step(batch([0, 1, 0, 2], [0, 0, 1, 1]), 0)
+    step(batch([0, 3], [2, 2]), 1)  # Apple and Milk for Banana: 0 of 2
+    prefix = "val" if stage == "validation" else "test"
+    metrics = getattr(model, f"{prefix}_metrics")
+    assert metrics[f"{prefix}/top1"].compute().item() == pytest.approx(1 / 6)
+    # over all 6 images (3 / 6), not the mean of the two batches' rates ((3/4 + 0) / 2)
+    assert getattr(model, f"{prefix}_coarse_top1").compute().item() == pytest.approx(3 / 6)
+
+
+def test_grocery_test_run_logs_coarse_top1_and_writes_coarse_per_class_accuracy(tmp_path):
+    import csv
+
+    data = datamodule(make_grocery_folder(tmp_path / "data"))
+    assert data.fine_to_coarse == GROCERY_LABELS["fine_to_coarse"]
+    model = classifier(
+        "linear",
+        class_names=data.class_names,
+        fine_to_coarse=data.fine_to_coarse,
+        coarse_class_names=data.coarse_class_names,
+    )
+    run = trainer(tmp_path, max_epochs=1)
+    run.fit(model, data)
+    assert 0 <= run.callback_metrics["val/coarse_top1"] <= 1
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert {key: checkpoint["hyper_parameters"][key] for key in GROCERY_LABELS} == GROCERY_LABELS
+    restored = ImageClassifier.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    (result,) = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path).test(
+        restored, datamodule(tmp_path / "data")
+    )
+
+    # by hand: every test image's fine prediction, mapped to its coarse class
+    coarse = torch.tensor(GROCERY_LABELS["fine_to_coarse"])
+    restored.eval()
+    test_data = datamodule(tmp_path / "data")
+    test_data.setup("test")
+    with torch.no_grad():
+        batches = [(restored(x).argmax(-1), y) for x, y in test_data.test_dataloader()]
+    predicted, true = zip(*batches, strict=True)
+    predicted, true = torch.cat(predicted), torch.cat(true)
+    assert len(true) == 12
+    right = coarse[predicted] == coarse[true]
+    assert result["test/coarse_top1"] == pytest.approx(right.float().mean().item())
+    assert result["test/top1"] == pytest.approx((predicted == true).float().mean().item())
+    rows = list(csv.DictReader((tmp_path / "coarse_per_class_accuracy.csv").open()))
+    assert [row["class"] for row in rows] == GROCERY_LABELS["coarse_class_names"]
+    assert [int(row["support"]) for row in rows] == [6, 3, 3]
+    for c, row in enumerate(rows):
+        assert float(row["accuracy"]) == pytest.approx(right[coarse[true] == c].float().mean().item(), abs=5e-5)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ({"fine_to_coarse": [0, 0, 1]}, "give both or neither"),
+        ({"fine_to_coarse": [0, 1], "coarse_class_names": ["Apple", "Banana"]}, "2 entries for 3 classes"),
+        ({"fine_to_coarse": [0, 1, 2], "coarse_class_names": ["Apple", "Banana"]}, r"coarse classes \[2\] of only 2"),
+    ],
+)
+def test_a_bad_coarse_mapping_is_refused(labels, message):
+    with pytest.raises(ValueError, match=message):
+        classifier("linear", **labels)
 
 
 def test_warmup_is_sized_in_epochs_also_when_training_is_limited_by_steps(tmp_path, images):

@@ -42,11 +42,17 @@ class DatasetError(ValueError):
 
 @dataclass
 class DatasetIndex:
-    """Class names and the ``(path, label)`` samples of each split present."""
+    """Class names and the ``(path, label)`` samples of each split present.
+
+    A layout whose classes group into coarse classes (Grocery Store, fine labels) also gives each
+    class's coarse class, so a classifier can be scored on the coarse level too; None otherwise.
+    """
 
     class_names: list[str]
     splits: dict[str, list[Sample]]
     layout: str = ""  # how the samples were found, for the run's opening summary
+    fine_to_coarse: list[int] | None = None  # coarse class index of each class
+    coarse_class_names: list[str] | None = None
 
 
 # --- layouts ---------------------------------------------------------------------------------
@@ -98,24 +104,17 @@ def class_folders(root: Path) -> list[Path]:
 
 
 def read_grocery(root: Path, label_level: str = "fine") -> DatasetIndex:
-    """The Grocery Store dataset: ``<split>.txt`` lines ``path, fine id, coarse id``."""
+    """The Grocery Store dataset: ``<split>.txt`` lines ``path, fine id, coarse id``.
+
+    With fine labels the index also maps each fine class to its coarse class. classes.csv defines
+    that mapping, and a listing line whose coarse id disagrees with it is an error naming the line.
+    """
     classes_file = root / "classes.csv"
     if not classes_file.is_file():
         raise DatasetError(f"{classes_file}: missing (the grocery layout needs it).")
-    with open(classes_file, newline="") as handle:
-        rows = list(csv.reader(handle))
-    column = 0 if label_level == "fine" else 2
-    names: dict[int, str] = {}
-    for number, row in enumerate(rows[1:], 2):
-        if not any(field.strip() for field in row):
-            continue
-        try:
-            names.setdefault(int(row[column + 1]), row[column].strip())
-        except (IndexError, ValueError) as error:
-            raise DatasetError(f"{classes_file}:{number}: expected 'name, id, coarse name, coarse id, ...'.") from error
-    class_names = [names[i] for i in sorted(names)]
-    if sorted(names) != list(range(len(names))):
-        raise DatasetError(f"{classes_file}: class ids are not 0..{len(names) - 1}.")
+    fine_names, coarse_names, fine_to_coarse = read_grocery_classes(classes_file)
+    fine = label_level == "fine"
+    class_names = fine_names if fine else coarse_names
     splits = {}
     for split in SPLITS:
         listing = root / f"{split}.txt"
@@ -127,14 +126,65 @@ def read_grocery(root: Path, label_level: str = "fine") -> DatasetIndex:
                 continue
             fields = [field.strip() for field in line.split(",")]
             try:
-                label = int(fields[1 if label_level == "fine" else 2])
+                ids = [int(field) for field in fields[1:3]]
+                label = ids[0 if fine else 1]
             except (IndexError, ValueError) as error:
                 raise DatasetError(f"{listing}:{number}: expected 'path, fine id, coarse id'.") from error
             if not 0 <= label < len(class_names):
                 raise DatasetError(f"{listing}:{number}: unknown {label_level} label {label}.")
+            if len(ids) == 2 and 0 <= ids[0] < len(fine_to_coarse) and ids[1] != fine_to_coarse[ids[0]]:
+                raise DatasetError(
+                    f"{listing}:{number}: fine class {ids[0]} ({fine_names[ids[0]]}) has coarse id {ids[1]} here "
+                    f"but {fine_to_coarse[ids[0]]} ({coarse_names[fine_to_coarse[ids[0]]]}) in {classes_file.name}."
+                )
             samples.append((root / fields[0], label))
         splits[split] = samples
-    return DatasetIndex(class_names, splits)
+    if not fine:
+        return DatasetIndex(class_names, splits)
+    return DatasetIndex(class_names, splits, fine_to_coarse=fine_to_coarse, coarse_class_names=coarse_names)
+
+
+def read_grocery_classes(classes_file: Path) -> tuple[list[str], list[str], list[int]]:
+    """Fine class names, coarse class names and the coarse id of each fine class, from the rows
+    ``name, id, coarse name, coarse id, ...`` of a Grocery Store classes.csv (after its header).
+
+    Raises:
+        DatasetError: naming the line of a malformed row, of a fine class given two coarse ids or
+            of a coarse id given two names; or ids that are not 0..N-1.
+    """
+    with open(classes_file, newline="") as handle:
+        rows = list(csv.reader(handle))
+    fine_names: dict[int, str] = {}
+    coarse_names: dict[int, str] = {}
+    coarse_of: dict[int, tuple[int, int]] = {}  # fine id -> (coarse id, line that said so)
+    for number, row in enumerate(rows[1:], 2):
+        if not any(field.strip() for field in row):
+            continue
+        try:
+            fine, coarse = int(row[1]), int(row[3])
+        except (IndexError, ValueError) as error:
+            raise DatasetError(f"{classes_file}:{number}: expected 'name, id, coarse name, coarse id, ...'.") from error
+        fine_names.setdefault(fine, row[0].strip())
+        coarse_names.setdefault(coarse, row[2].strip())
+        if coarse_names[coarse] != row[2].strip():
+            raise DatasetError(
+                f"{classes_file}:{number}: coarse id {coarse} is named {row[2].strip()!r} here "
+                f"but {coarse_names[coarse]!r} above."
+            )
+        known, line = coarse_of.setdefault(fine, (coarse, number))
+        if known != coarse:
+            raise DatasetError(
+                f"{classes_file}:{number}: fine class {fine} ({fine_names[fine]}) has coarse id {coarse} here "
+                f"but {known} on line {line}."
+            )
+    for level, names in (("class", fine_names), ("coarse class", coarse_names)):
+        if sorted(names) != list(range(len(names))):
+            raise DatasetError(f"{classes_file}: {level} ids are not 0..{len(names) - 1}.")
+    return (
+        [fine_names[i] for i in range(len(fine_names))],
+        [coarse_names[i] for i in range(len(coarse_names))],
+        [coarse_of[i][0] for i in range(len(coarse_of))],
+    )
 
 
 def read_folders(root: Path) -> DatasetIndex:

@@ -81,7 +81,8 @@ class ImageDataModule(L.LightningDataModule):
                 Grocery-style folder, or a folder with one CSV manifest) or a CSV file.
             layout: How root is organised; auto detects it and names it when fit starts.
             manifest: A CSV with columns path,label[,split] (paths relative to the CSV's folder).
-            label_level: Grocery layout only: fine (81 classes) or coarse (43) labels.
+            label_level: Grocery layout only: fine (81 classes) or coarse (43) labels. With fine
+                labels validation and test also report coarse_top1 (predictions mapped to coarse classes).
             backbone: Set from model.backbone: its resolution, mean/std and crop shape the transforms.
             img_size: Set from model.img_size: another input resolution than the backbone's.
             batch_size: Training images per step (per device under DDP).
@@ -150,6 +151,16 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    # Linked into the model like class_names: it scores predictions on the coarse level too.
+    @property
+    def fine_to_coarse(self) -> list[int] | None:
+        """The coarse class index of each class, where the layout has coarse classes (else None)."""
+        return self.index.fine_to_coarse
+
+    @property
+    def coarse_class_names(self) -> list[str] | None:
+        return self.index.coarse_class_names
 
     def transform(self, train: bool):
         config = backbone_data_config(self.hparams.backbone, self.hparams.img_size)

@@ -27,6 +27,8 @@ class VitloraCLI(LightningCLI):
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.img_size", "data.img_size")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.fine_to_coarse", "model.fine_to_coarse", apply_on="instantiate")
+        parser.link_arguments("data.coarse_class_names", "model.coarse_class_names", apply_on="instantiate")
         parser.link_arguments("seed_everything", "model.seed")
         parser.link_arguments("seed_everything", "data.seed")
         parser.add_argument(

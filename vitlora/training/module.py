@@ -46,6 +46,8 @@ class ImageClassifier(L.LightningModule):
         pretrained: bool = True,
         num_classes: int | None = None,
         class_names: list[str] | None = None,
+        fine_to_coarse: list[int] | None = None,
+        coarse_class_names: list[str] | None = None,
         img_size: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
         lr: float = 2e-3,
@@ -77,6 +79,10 @@ class ImageClassifier(L.LightningModule):
             pretrained: Start from pretrained weights (false: random, for tests).
             num_classes: Classes of the new head; set from the data.
             class_names: Set from the data; recorded in checkpoints and adapters.
+            fine_to_coarse: Set from the data where its classes group into coarse ones (Grocery
+                Store, fine labels): the coarse class of each class. Validation and test then also
+                log coarse_top1, each prediction mapped to its coarse class.
+            coarse_class_names: Set from the data with fine_to_coarse: the coarse classes' names.
             img_size: Input resolution other than the backbone's (position embeddings resized).
             model_kwargs: Extra timm.create_model arguments (tests use tiny configs).
             lr: Peak learning rate of the adapted weights (after warm-up, then cosine decay).
@@ -111,6 +117,7 @@ class ImageClassifier(L.LightningModule):
                 raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}.")
         if not num_classes:
             raise ValueError("num_classes (or class_names) is required; the CLI takes them from the data.")
+        check_coarse_classes(fine_to_coarse, coarse_class_names, num_classes)
         if lora_plus_ratio is not None and not lora_plus_ratio > 0:
             raise ValueError(f"lora_plus_ratio must be a positive number (None or 1 for off), got {lora_plus_ratio!r}.")
         tta = {True: "flip", False: "none"}.get(tta, tta)
@@ -141,6 +148,11 @@ class ImageClassifier(L.LightningModule):
         self.test_metrics = self.val_metrics.clone(prefix="test/")
         self.test_per_class = MulticlassAccuracy(num_classes, average="none")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        coarse_of = torch.tensor(fine_to_coarse) if fine_to_coarse is not None else None
+        self.register_buffer("coarse_of", coarse_of, persistent=False)  # derived from hparams: not in checkpoints
+        if coarse_of is not None:  # synced counts: exact under DDP, whatever the shares
+            self.val_coarse_top1 = MulticlassAccuracy(len(coarse_class_names), average="micro")
+            self.test_coarse_top1 = self.val_coarse_top1.clone()
 
     @property
     def class_names(self) -> list[str]:
@@ -187,16 +199,26 @@ class ImageClassifier(L.LightningModule):
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.val_metrics.update(logits, targets)
         self.log_dict(self.val_metrics, prog_bar=True)
+        self.log_coarse_top1("val", logits, targets)
 
     def test_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
         logits = self.evaluation_logits(images)
         self.test_metrics.update(logits, targets)
         self.log_dict(self.test_metrics)
+        self.log_coarse_top1("test", logits, targets)
         self.test_per_class.update(logits, targets)
         self.test_confusion.update(logits, targets)
         if self.hparams.explain_worst:
             self._worst = worst_images(getattr(self, "_worst", []), images, targets, logits, self.hparams.explain_worst)
+
+    def log_coarse_top1(self, stage: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """``<stage>/coarse_top1``: a fine prediction counts as right when it lies in the image's coarse class."""
+        if self.coarse_of is None:
+            return
+        metric = getattr(self, f"{stage}_coarse_top1")
+        metric.update(self.coarse_of[logits.argmax(-1)], self.coarse_of[targets])
+        self.log(f"{stage}/coarse_top1", metric, prog_bar=stage == "val")
 
     def on_test_epoch_end(self) -> None:
         from vitlora.training.report import write_test_report
@@ -204,7 +226,10 @@ class ImageClassifier(L.LightningModule):
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         per_class, confusion = self.test_per_class.compute(), self.test_confusion.compute()  # syncs: every rank
         if self.trainer.is_global_zero:
-            write_test_report(folder, self.class_names, per_class.cpu(), confusion.cpu())
+            hp = self.hparams
+            write_test_report(
+                folder, self.class_names, per_class.cpu(), confusion.cpu(), hp.coarse_class_names, hp.fine_to_coarse
+            )
             if getattr(self, "_worst", None):
                 self.explain_worst_images(folder / "explanations")
         self._worst = []
@@ -317,6 +342,21 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"Checkpoint lacks trainable tensors {missing[:5]}: was it saved by another method?")
         for key, tensor in self.state_dict().items():
             state.setdefault(key, tensor)
+
+
+def check_coarse_classes(
+    fine_to_coarse: list[int] | None, coarse_class_names: list[str] | None, num_classes: int
+) -> None:
+    """Both or neither given, one coarse class per class, every one among the coarse names."""
+    if (fine_to_coarse is None) != (coarse_class_names is None):
+        raise ValueError("fine_to_coarse and coarse_class_names go together: give both or neither.")
+    if fine_to_coarse is None:
+        return
+    if len(fine_to_coarse) != num_classes:
+        raise ValueError(f"fine_to_coarse has {len(fine_to_coarse)} entries for {num_classes} classes.")
+    outside = sorted({c for c in fine_to_coarse if not 0 <= c < len(coarse_class_names)})
+    if outside:
+        raise ValueError(f"fine_to_coarse names coarse classes {outside} of only {len(coarse_class_names)}.")
 
 
 def worst_images(

@@ -1,4 +1,5 @@
-"""What `vitlora test` leaves a person to read: per-class accuracy and the confusion matrix."""
+"""What `vitlora test` leaves a person to read: per-class accuracy (also per coarse class, where the
+classes have coarse ones) and the confusion matrix."""
 
 from __future__ import annotations
 
@@ -13,19 +14,41 @@ from vitlora.charts import draw_heatmap, figure_image, new_figure
 from vitlora.files import atomic_write
 
 
-def write_test_report(folder: Path, class_names: list[str], per_class: torch.Tensor, confusion: torch.Tensor) -> None:
+def write_test_report(
+    folder: Path,
+    class_names: list[str],
+    per_class: torch.Tensor,
+    confusion: torch.Tensor,
+    coarse_class_names: list[str] | None = None,
+    fine_to_coarse: list[int] | None = None,
+) -> None:
+    """per_class_accuracy.csv and confusion_matrix.png; with coarse classes also
+    coarse_per_class_accuracy.csv, each prediction mapped to its coarse class."""
     folder.mkdir(parents=True, exist_ok=True)
-    support = confusion.sum(dim=1)
-    with (
-        atomic_write(folder / "per_class_accuracy.csv") as tmp,
-        open(tmp, "w", newline="") as handle,
-    ):
-        writer = csv.writer(handle)
-        writer.writerow(["class", "accuracy", "support"])
-        for name, accuracy, count in zip(class_names, per_class.tolist(), support.tolist(), strict=True):
-            writer.writerow([name, f"{accuracy:.4f}" if count else "", int(count)])
+    write_per_class_accuracy(folder / "per_class_accuracy.csv", class_names, per_class, confusion.sum(dim=1))
+    if fine_to_coarse is not None:
+        coarse = coarse_confusion(confusion, fine_to_coarse, len(coarse_class_names))
+        support = coarse.sum(dim=1)
+        accuracy = coarse.diagonal() / support.clamp(min=1)
+        write_per_class_accuracy(folder / "coarse_per_class_accuracy.csv", coarse_class_names, accuracy, support)
     with atomic_write(folder / "confusion_matrix.png") as tmp:
         confusion_image(confusion, class_names).save(tmp, format="PNG")
+
+
+def write_per_class_accuracy(path: Path, class_names: list[str], accuracy: torch.Tensor, support: torch.Tensor) -> None:
+    """``class,accuracy,support`` per class; the accuracy of a class without images is left empty."""
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", "accuracy", "support"])
+        for name, value, count in zip(class_names, accuracy.tolist(), support.tolist(), strict=True):
+            writer.writerow([name, f"{value:.4f}" if count else "", int(count)])
+
+
+def coarse_confusion(confusion: torch.Tensor, fine_to_coarse: list[int], coarse_classes: int) -> torch.Tensor:
+    """The confusion matrix between coarse classes: each fine cell added into the cell of its
+    (true coarse, predicted coarse) pair, as if every prediction were mapped to its coarse class."""
+    membership = torch.nn.functional.one_hot(torch.tensor(fine_to_coarse), coarse_classes).to(confusion.dtype)
+    return membership.T @ confusion @ membership
 
 
 def confusion_image(confusion: torch.Tensor, class_names: list[str], pairs: int = 25) -> Image.Image:
