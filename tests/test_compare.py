@@ -454,9 +454,12 @@ def test_one_run_is_its_own_result_and_a_failed_fold_fails_the_method():
     combined = combine_runs([single], 0, name="lora")
     assert asdict(combined) == asdict(single) | {"runs": combined.runs}
     assert combined.val_sd == {} and combined.folds == 0 and combined.runs[0]["fold"] is None
-    broken = MethodResult("lora", error="exit code 1: out of memory", run_dir="runs/lora/fold1")
+    broken = MethodResult("lora", error="exit code 1: out of memory", run_dir="runs/lora/fold1", fit_command="fit")
     failed = combine_runs([single, broken], 2, name="lora")
     assert not failed.ok and failed.error == "fold 1: exit code 1: out of memory" and failed.val == {}
+    assert failed.runs[1]["run_dir"] == "runs/lora/fold1"  # where the report sends the reader for the log
+    alone = combine_runs([broken], 0, name="lora")
+    assert alone.error == "exit code 1: out of memory" and alone.fit_command == "fit"
 
 
 def test_resume_refuses_other_settings_and_warns_without_saved_ones(tmp_path, fake_runs, capsys):
@@ -622,3 +625,16 @@ def test_the_documented_grid_config_is_eight_methods_on_five_folds(tmp_path):
     loaded = load_compare_config(config)
     assert len(loaded.methods) == 8 and loaded.folds == 5
     assert loaded.methods[1].name == "lora.img_size-224.mixup-0.2" and loaded.methods[-1].name.startswith("dora.")
+
+
+def test_cli_sweeps_folds_and_parallel_runs_reach_the_runner(tmp_path, fake_runs, capsys):
+    smoke = str(RECIPES / "smoke.yaml")
+    main(["compare", "--recipes", smoke, "--output", str(tmp_path / "a"), "--grid", "model.lr=0.1,0.2", "--folds", "2"])
+    assert fake_runs == [(f"smoke.lr-{lr} fold {k}", None) for lr in (0.1, 0.2) for k in (0, 1)]
+    fake_runs.clear()
+    config = grid_config(tmp_path, methods={"lora": {}}, folds=3)
+    main(["compare", "--config", str(config), "--output", str(tmp_path / "b"), "--folds", "2", "--parallel", "2"])
+    assert sorted(fake_runs) == [("lora fold 0", None), ("lora fold 1", None)]  # the command line wins
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", "--recipes", smoke, "--output", str(tmp_path / "c"), "--parallel", "many"])
+    assert exit_.value.code == 2 and "--parallel: invalid" in capsys.readouterr().err

@@ -87,7 +87,9 @@ def load_compare_config(
     if methods is None and grid:
         methods = {"": {}}  # a sweep of the recipe alone: methods named by their values
     if not isinstance(methods, dict) or not methods:
-        raise ValueError(f"{path}: a compare config needs `methods:`, a mapping of method names to options.")
+        raise ValueError(
+            f"{path}: a compare config needs `methods:`, a mapping of method names to options, or a `grid:`."
+        )
     specs = []
     for name, entry in methods.items():
         if entry is not None and not isinstance(entry, dict):

@@ -89,6 +89,10 @@ def combine_runs(runs: Sequence[MethodResult], folds: int = 0, **described: Any)
         for fold, r in enumerate(runs)
     ]
     described |= {"folds": folds, "runs": summaries}
+    for name in SHARED_FIELDS:
+        values = [getattr(r, name) for r in runs]
+        if all(value == values[0] for value in values):
+            described[name] = values[0]
     errors = [label + r.error for label, r in zip(labels, runs, strict=True) if r.error]
     if errors:
         return MethodResult(**described, error="; ".join(errors))
@@ -109,10 +113,6 @@ def combine_runs(runs: Sequence[MethodResult], folds: int = 0, **described: Any)
     for name in TOTAL_FIELDS:
         values = [getattr(r, name) for r in runs]
         combined[name] = None if None in values else sum(values)
-    for name in SHARED_FIELDS:
-        values = [getattr(r, name) for r in runs]
-        if all(value == values[0] for value in values):
-            combined[name] = values[0]
     return MethodResult(**described, **combined)
 
 
