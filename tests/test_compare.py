@@ -4,6 +4,12 @@ import csv
 import importlib.metadata
 import json
 import math
+import os
+import re
+import statistics
+import threading
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -22,9 +28,13 @@ from vitlora.compare import (
     comparison_reading,
     load_compare_config,
     methods_from_recipes,
+    runner,
 )
-from vitlora.compare.config import check_same_setup
+from vitlora.compare import report as compare_report
+from vitlora.compare.config import check_same_setup, expand_grid, parse_grid_option, swept_options
 from vitlora.compare.reading import standard_error
+from vitlora.compare.result import combine_runs
+from vitlora.compare.runner import visible_gpus
 from vitlora.training.module import ImageClassifier
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -142,7 +152,7 @@ def test_a_failing_method_is_reported_and_the_others_kept(comparison):
 
 
 def test_grocery_compare_config_reuses_the_grocery_recipes():
-    methods = load_compare_config(RECIPES / "grocery_compare.yaml")
+    methods = load_compare_config(RECIPES / "grocery_compare.yaml").methods
     assert [(m.name, m.recipe.name, m.overrides) for m in methods] == [
         ("lora", "grocery_lora.yaml", {}),
         ("full", "grocery_full.yaml", {}),
@@ -153,13 +163,13 @@ def test_grocery_compare_config_reuses_the_grocery_recipes():
         ("vpt_deep", "grocery_linear.yaml", {"model.prompt.num_tokens": 8, "model.prompt.deep": True}),
         ("bitfit", "grocery_linear.yaml", {"model.bias_tuning": True}),
     ]
-    assert [m.name for m in load_compare_config(RECIPES / "grocery_compare.yaml", only=["linear", "lora"])] == [
+    assert [m.name for m in load_compare_config(RECIPES / "grocery_compare.yaml", only=["linear", "lora"]).methods] == [
         "linear",
         "lora",
     ]
 
 
-@pytest.mark.parametrize("method", load_compare_config(RECIPES / "grocery_compare.yaml"), ids=lambda m: m.name)
+@pytest.mark.parametrize("method", load_compare_config(RECIPES / "grocery_compare.yaml").methods, ids=lambda m: m.name)
 def test_every_method_parses_as_a_fit_config(method, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(method.recipe), *method.override_args(), "--print_config"])
@@ -294,3 +304,340 @@ def test_reading_without_finished_methods():
     ]
     only = comparison_reading([result("lora", 0.9, 10), failed])
     assert "Only lora finished, so there is nothing to weigh it against." in only
+
+
+# --- cross-validation, resuming, grids, one run per GPU --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cross_validated(tmp_path_factory):
+    """lora with --folds 2 through the CLI; then fold 1's measurements.json deleted and --resume: every
+    `vitlora fit` process started, per phase."""
+    root = tmp_path_factory.mktemp("folds")
+    make_workspace(root)
+    config = root / "compare.yaml"
+    config.write_text(yaml.safe_dump({"recipe": str(RECIPES / "smoke.yaml"), "methods": {"lora": {}}}))
+    output = root / "out"
+    argv = [
+        "compare", "--config", str(config), "--output", str(output), "--folds", "2",
+        "--data.root", str(root / "data"), "--model.weights", str(root / "base.safetensors"),
+        "--budget.max_epochs", "1", "--budget.limit_train_batches", "2", "--budget.limit_val_batches", "1.0",
+        "--latency-rounds", "1",
+    ]  # fmt: skip
+    started = {"first": [], "resumed": []}
+    popen = runner.subprocess.Popen
+
+    def counting_popen(command, *args, **kwargs):
+        if "vitlora.compare.measure" in command:  # a run, not platform.processor()'s `uname -p`
+            started[phase].append(command)
+        return popen(command, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.setattr(runner.subprocess, "Popen", counting_popen)
+        phase = "first"
+        main(argv)
+        first_report = json.loads((output / "report.json").read_text())
+        kept = (output / "runs" / "lora" / "fold0" / "measurements.json").read_text()
+        (output / "runs" / "lora" / "fold1" / "measurements.json").unlink()
+        phase = "resumed"
+        main([*argv, "--resume"])
+    report = json.loads((output / "report.json").read_text())
+    return output, first_report, report, started, kept
+
+
+def fold_records(output: Path, method: str = "lora", folds: int = 2) -> list[dict]:
+    return [json.loads((output / "runs" / method / f"fold{k}" / "measurements.json").read_text()) for k in range(folds)]
+
+
+def test_folds_run_in_their_own_folders_each_holding_out_its_fold(cross_validated):
+    output, first, _, started, _ = cross_validated
+    assert len(started["first"]) == 2
+    for fold, command in enumerate(started["first"]):
+        assert command[command.index("--data.folds") + 1] == "2" and command[command.index("--data.fold") + 1] == str(
+            fold
+        )
+        run_dir = output / "runs" / "lora" / f"fold{fold}"
+        for name in ("measurements.json", "val_predictions.csv", "train.log", "checkpoints/last.ckpt"):
+            assert (run_dir / name).is_file(), name
+        assert f"fold {fold + 1} of 2 as val (train+val pooled)" in (run_dir / "train.log").read_text()
+    assert sorted(p.name for p in (output / "runs" / "lora").iterdir()) == ["fold0", "fold1"]
+    assert json.loads((output / "comparison.json").read_text())["folds"] == 2
+    assert first["folds"] == 2
+
+
+def test_a_method_is_the_mean_and_sd_of_its_folds(cross_validated):
+    output, _, report, _, _ = cross_validated
+    lora = MethodResult(**report["methods"][0])
+    records = fold_records(output)
+    assert lora.ok and lora.folds == 2 and len(lora.runs) == 2
+    assert set(lora.val) == set(records[0]["val"]) >= {"top1", "macro_f1"}
+    for metric in lora.val:
+        values = [record["val"][metric] for record in records]
+        assert lora.val[metric] == pytest.approx(statistics.mean(values))
+        assert lora.val_sd[metric] == pytest.approx(statistics.stdev(values))
+    for metric in lora.test:
+        assert lora.test[metric] == pytest.approx(statistics.mean(record["test"][metric] for record in records))
+    assert lora.val_images == sum(record["val_images"] for record in records) == 3 * (8 + 3)  # all train+val
+    assert lora.test_images == 9 and lora.trainable == records[0]["trainable"]
+    assert lora.step_time_s == pytest.approx(statistics.median(record["step_time_s"] for record in records))
+    assert lora.wall_s == pytest.approx(sum(record["wall_s"] for record in records))
+    scored = [row for path in lora.prediction_files for row in csv.DictReader(Path(path).read_text().splitlines())]
+    pooled = sorted(str(p) for split in ("train", "val") for p in (output.parent / "data" / split).rglob("*.png"))
+    assert sorted(row["path"] for row in scored) == pooled  # every train+val image scored once, by one fold
+    assert lora.checkpoint is None  # each fold has its own: none of them is the method's
+    text = (output / "report.md").read_text()
+    assert "2-fold cross-validation over train+val (33 images)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| lora |"))
+    assert row.startswith(f"| lora | {100 * lora.val['top1']:.1f} ± {100 * lora.val_sd['top1']:.1f} |")
+    assert "  - fold 1 (`runs/lora/fold1`): `vitlora fit --config" in text
+
+
+def test_resume_reruns_exactly_the_run_without_measurements(cross_validated):
+    output, first, report, started, kept = cross_validated
+    assert len(started["resumed"]) == 1
+    command = started["resumed"][0]
+    assert command[command.index("--data.fold") + 1] == "1"
+    assert (output / "runs" / "lora" / "fold0" / "measurements.json").read_text() == kept  # not rerun
+    assert report["methods"][0]["runs"][0] == first["methods"][0]["runs"][0]
+    assert report["methods"][0]["val_images"] == 33
+    assert (output / "runs" / "lora" / "fold1" / "measurements.json").is_file()
+
+
+def fake_result(run, **fields) -> MethodResult:
+    """What a run measures, written where the runner looks for it, without training anything."""
+    record = {"val": {"top1": 0.5 + 0.1 * (run.fold or 0)}, "val_images": 10, "trainable": 5, "total": 50} | fields
+    (run.run_dir / runner.RESULT_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / runner.RESULT_FILE).write_text(json.dumps(record))
+    return runner.read_run(run)
+
+
+@pytest.fixture
+def no_charts(monkeypatch):
+    """Reports without their charts, which take a second each time on a busy machine."""
+    monkeypatch.setattr(compare_report, "report_charts", lambda results: {})
+
+
+@pytest.fixture
+def fake_runs(monkeypatch, no_charts):
+    """measure_run replaced: every call recorded (label, gpu) and answered by fake_result, no process started."""
+    calls = []
+
+    def measure_run(run, latency_rounds=10, gpu=None):
+        calls.append((run.label, gpu))
+        return fake_result(run)
+
+    monkeypatch.setattr(runner, "measure_run", measure_run)
+    monkeypatch.setattr(runner, "visible_gpus", lambda: [])
+    return calls
+
+
+def test_fold_runs_combine_into_means_sums_and_medians():
+    folds = [
+        result("lora", top1, 100, images, step_time_s=step, wall_s=10.0 + k, checkpoint=f"fold{k}/last.ckpt",
+               test={"top1": top1 - 0.1}, test_images=9, latency_s={"base": 1.0, "unmerged": step * 10},
+               prediction_files=[f"fold{k}.csv"], curve=[{"step": 2, "top1": top1}], fit_command=f"fit {k}")
+        for k, (top1, images, step) in enumerate([(0.8, 11, 0.1), (0.9, 11, 0.2), (0.6, 10, 0.6)])
+    ]  # fmt: skip
+    combined = combine_runs(folds, 3, name="lora", run_dir="runs/lora")
+    assert combined.ok and combined.folds == 3 and combined.run_dir == "runs/lora"
+    assert combined.val["top1"] == pytest.approx(0.7667, abs=1e-4)
+    assert combined.val_sd["top1"] == pytest.approx(0.1528, abs=1e-4)  # sample sd: n - 1
+    assert combined.test["top1"] == pytest.approx(0.6667, abs=1e-4) and combined.test_sd["top1"] > 0
+    assert combined.val_images == 32 and combined.test_images == 9 and combined.wall_s == 33.0
+    assert combined.step_time_s == 0.2 and combined.latency_s == {"base": 1.0, "unmerged": 2.0}  # medians
+    assert combined.trainable == 100 and combined.checkpoint is None and combined.fit_command == ""
+    assert combined.prediction_files == ["fold0.csv", "fold1.csv", "fold2.csv"]
+    assert combined.curve == [{"step": 2, "top1": pytest.approx(0.7667, abs=1e-4)}]
+    assert [run["fold"] for run in combined.runs] == [0, 1, 2] and combined.runs[2]["fit_command"] == "fit 2"
+
+
+def test_one_run_is_its_own_result_and_a_failed_fold_fails_the_method():
+    single = result("lora", 0.8, 100, test={"top1": 0.7}, latency_s={"base": 1.0}, prediction_files=["v.csv"])
+    combined = combine_runs([single], 0, name="lora")
+    assert asdict(combined) == asdict(single) | {"runs": combined.runs}
+    assert combined.val_sd == {} and combined.folds == 0 and combined.runs[0]["fold"] is None
+    broken = MethodResult("lora", error="exit code 1: out of memory", run_dir="runs/lora/fold1", fit_command="fit")
+    failed = combine_runs([single, broken], 2, name="lora")
+    assert not failed.ok and failed.error == "fold 1: exit code 1: out of memory" and failed.val == {}
+    assert failed.runs[1]["run_dir"] == "runs/lora/fold1"  # where the report sends the reader for the log
+    alone = combine_runs([broken], 0, name="lora")
+    assert alone.error == "exit code 1: out of memory" and alone.fit_command == "fit"
+
+
+def test_resume_refuses_other_settings_and_warns_without_saved_ones(tmp_path, fake_runs, capsys):
+    smoke = RECIPES / "smoke.yaml"
+    lora = MethodSpec("lora", smoke)
+    compare_methods([lora], tmp_path, folds=2)
+    assert fake_runs == [("lora fold 0", None), ("lora fold 1", None)]
+    with pytest.raises(ValueError, match=r"already holds files.*--resume"):
+        compare_methods([lora], tmp_path, folds=2)
+    with pytest.raises(ValueError, match=r"other settings.*folds: 2 -> 3"):
+        compare_methods([lora], tmp_path, folds=3, resume=True)
+    with pytest.raises(ValueError, match=r"methods: lora changed \(overrides: \{\} -> \{'model.lr': 0.1\}\)"):
+        compare_methods([MethodSpec("lora", smoke, {"model.lr": 0.1})], tmp_path, folds=2, resume=True)
+    with pytest.raises(ValueError, match=r"shared_args: \[\] -> \['--data.root', 'x'\]"):
+        compare_methods([lora], tmp_path, folds=2, resume=True, shared_args=["--data.root", "x"])
+    assert len(fake_runs) == 2  # nothing ran
+    results = compare_methods([lora], tmp_path, folds=2, resume=True)
+    assert len(fake_runs) == 2 and results[0].val["top1"] == pytest.approx(0.55)  # both folds read back
+    (tmp_path / runner.SETTINGS_FILE).unlink()  # as if the runs had been started by hand
+    compare_methods([lora], tmp_path, folds=2, resume=True)
+    assert capsys.readouterr().err.count("warning") == 1 and (tmp_path / runner.SETTINGS_FILE).is_file()
+    (tmp_path / runner.SETTINGS_FILE).unlink()
+    with pytest.raises(ValueError, match=r"does not plan \(.*runs/lora/fold0/measurements.json"):
+        compare_methods([lora], tmp_path, resume=True)  # without folds, runs/lora is one run
+
+
+def test_resume_reruns_unfinished_runs_from_a_clean_folder(tmp_path, fake_runs):
+    methods = [MethodSpec("lora", RECIPES / "smoke.yaml"), MethodSpec("full", RECIPES / "smoke.yaml")]
+    compare_methods(methods, tmp_path)
+    (tmp_path / "runs" / "full" / runner.RESULT_FILE).unlink()
+    (tmp_path / "runs" / "full" / "stale.ckpt").write_text("from the interrupted run")
+    results = compare_methods(methods, tmp_path, resume=True)
+    assert fake_runs == [("lora", None), ("full", None), ("full", None)]
+    assert not (tmp_path / "runs" / "full" / "stale.ckpt").exists()
+    assert [r.name for r in results] == ["lora", "full"] and all(r.ok for r in results)
+
+
+def test_runs_go_one_per_gpu_at_most_parallel_at_once_and_results_keep_config_order(tmp_path, monkeypatch):
+    lock, running, seen, reported, gpus = threading.Lock(), {}, [], [], set()
+
+    def measure_run(run, latency_rounds=10, gpu=None):
+        with lock:
+            assert gpu not in running.values(), f"{run.label} given GPU {gpu}, which {running} holds"
+            running[run.label] = gpu
+            seen.append(len(running))
+            gpus.add(gpu)
+        time.sleep(0.05 * (6 - len(seen)))  # early runs take longest: they finish out of order
+        with lock:
+            del running[run.label]
+        return fake_result(run)
+
+    monkeypatch.setattr(runner, "measure_run", measure_run)
+    monkeypatch.setattr(runner, "visible_gpus", lambda: ["3", "5", "7"])
+    monkeypatch.setattr(runner, "write_report", lambda output, results, settings: reported.append(results))
+    methods = [MethodSpec(name, RECIPES / "smoke.yaml") for name in ("a", "b", "c")]
+    results = compare_methods(methods, tmp_path, folds=2, parallel=2)
+    assert max(seen) == 2 and len(seen) == 6 and gpus == {"3", "5"}  # the first two of the visible GPUs
+    assert [r.name for r in results] == ["a", "b", "c"] and all(r.folds == 2 for r in results)
+    assert len(reported) == 6  # after each run: the methods whose folds have all finished, in config order
+    assert [[r.name for r in results] for results in reported][-1] == ["a", "b", "c"]
+    assert all([r.name for r in results] == sorted(r.name for r in results) for results in reported)
+
+
+def test_parallel_runs_are_pinned_to_visible_gpus(monkeypatch):
+    monkeypatch.setattr(runner, "visible_gpus", lambda: ["4", "6"])
+    assert runner.run_slots("auto") == ["4", "6"] and runner.run_slots(1) == ["4"]
+    with pytest.raises(ValueError, match="only 2 GPUs are visible"):
+        runner.run_slots(3)
+    monkeypatch.setattr(runner, "visible_gpus", lambda: [])
+    assert runner.run_slots("auto") == [None] and runner.run_slots(3) == [None, None, None]
+    with pytest.raises(ValueError, match="positive number"):
+        runner.run_slots(0)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5a1,7")
+    monkeypatch.setattr(runner, "visible_gpus", visible_gpus)  # the real one, on 2 pretend GPUs
+    assert runner.visible_gpus() == ["GPU-5a1", "7"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert runner.visible_gpus() == ["0", "1"]
+
+
+def test_a_run_on_a_gpu_sees_only_that_gpu_and_trains_on_one_device(tmp_path, monkeypatch):
+    seen = {}
+
+    class FailedProcess:
+        def __init__(self, command, env, **kwargs):
+            seen.update(command=command, env=env)
+            self.stdout, self.returncode = iter(["boom\n"]), 1
+
+        def wait(self):
+            return 1
+
+    monkeypatch.setattr(runner.subprocess, "Popen", FailedProcess)
+    (run,) = runner.plan_runs([MethodSpec("lora", RECIPES / "smoke.yaml")], tmp_path)
+    failed = runner.measure_run(run, gpu="GPU-5a1")
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "GPU-5a1" and seen["command"][-2:] == ["--trainer.devices", "1"]
+    assert failed.fit_command.startswith("CUDA_VISIBLE_DEVICES=GPU-5a1 vitlora fit --config")
+    assert failed.error == "exit code 1: boom"
+    runner.measure_run(run)
+    assert "CUDA_VISIBLE_DEVICES" not in seen["env"] or seen["env"]["CUDA_VISIBLE_DEVICES"] == os.environ.get(
+        "CUDA_VISIBLE_DEVICES"
+    )
+    assert "--trainer.devices" not in seen["command"]
+
+
+def grid_config(tmp_path: Path, **config) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"recipe": str(RECIPES / "smoke.yaml")} | config, sort_keys=False))
+    return path
+
+
+def test_a_grid_is_one_method_per_combination_named_by_its_values(tmp_path):
+    grid = {"model.img_size": [32, 48], "data.mixup": [0.0, 0.2]}
+    config = load_compare_config(
+        grid_config(tmp_path, methods={"lora": {}, "full": {"model.method": "full"}}, grid=grid)
+    )
+    assert [m.name for m in config.methods] == [
+        "lora.img_size-32.mixup-0.0", "lora.img_size-32.mixup-0.2", "lora.img_size-48.mixup-0.0",
+        "lora.img_size-48.mixup-0.2", "full.img_size-32.mixup-0.0", "full.img_size-32.mixup-0.2",
+        "full.img_size-48.mixup-0.0", "full.img_size-48.mixup-0.2",
+    ]  # fmt: skip
+    assert config.methods[5].overrides == {"model.method": "full", "model.img_size": 32, "data.mixup": 0.2}
+    assert swept_options(config.methods) == ["model.img_size", "data.mixup"] and config.folds is None
+    alone = load_compare_config(grid_config(tmp_path, grid={"model.img_size": [32, 48]}, folds=5))
+    assert [m.name for m in alone.methods] == ["img_size-32", "img_size-48"] and alone.folds == 5
+    replaced = load_compare_config(grid_config(tmp_path, grid=grid), grid={"data.mixup": [0.5]})  # --grid wins
+    assert [m.name for m in replaced.methods] == ["img_size-32.mixup-0.5", "img_size-48.mixup-0.5"]
+    smoke = MethodSpec("m", RECIPES / "smoke.yaml")
+    names = [m.name for m in expand_grid([smoke], {"model.lora.alpha": [8.0], "model.head.alpha": [True]})]
+    assert names == ["m.lora.alpha-8.0.head.alpha-true"]  # more of the option where its last part repeats
+    names = [m.name for m in expand_grid([smoke], {"model.lora.targets": [["q", "v"]], "data.root": ["a/b c"]})]
+    assert names == ["m.targets-q_v.root-a_b_c"]
+    assert parse_grid_option("model.lr=0.001,3e-4,true") == ("model.lr", [0.001, "3e-4", True])
+
+
+def test_the_fairness_check_lets_exactly_the_swept_options_differ(tmp_path):
+    grid = {"model.img_size": [32, 48], "data.mixup": [0.0, 0.2]}
+    load_compare_config(grid_config(tmp_path, methods={"lora": {}}, grid=grid))  # shared options, swept: fine
+    with pytest.raises(ValueError, match=r"data\.batch_size \(lora\.img_size-32: 4, big\.img_size-32: 8"):
+        load_compare_config(
+            grid_config(tmp_path, methods={"lora": {}, "big": {"data.batch_size": 8}}, grid={"model.img_size": [32]})
+        )
+    with pytest.raises(ValueError, match=r"grid\.yaml: method 'lora' sets \['data\.mixup'\], which the grid sweeps"):
+        load_compare_config(grid_config(tmp_path, methods={"lora": {"data.mixup": 0.1}}, grid=grid))
+    with pytest.raises(ValueError, match=r"grid\.yaml: grid option 'model\.lr' needs a non-empty list"):
+        load_compare_config(grid_config(tmp_path, grid={"model.lr": 0.1}))
+    with pytest.raises(ValueError, match=r"`folds:` must be a whole number"):
+        load_compare_config(grid_config(tmp_path, methods={"lora": {}}, folds="five"))
+
+
+def test_the_report_names_the_swept_options(tmp_path, fake_runs):
+    methods = load_compare_config(grid_config(tmp_path, grid={"model.img_size": [32, 48]})).methods
+    compare_methods(methods, tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Grid: the methods sweep `model.img_size`; all else is shared." in text
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["grid"] == ["model.img_size"]
+
+
+def test_the_documented_grid_config_is_eight_methods_on_five_folds(tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    example = next(block for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "grid:" in block)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(example.replace("recipe: grocery_lora.yaml", f"recipe: {RECIPES / 'grocery_lora.yaml'}"))
+    loaded = load_compare_config(config)
+    assert len(loaded.methods) == 8 and loaded.folds == 5
+    assert loaded.methods[1].name == "lora.img_size-224.mixup-0.2" and loaded.methods[-1].name.startswith("dora.")
+
+
+def test_cli_sweeps_folds_and_parallel_runs_reach_the_runner(tmp_path, fake_runs, capsys):
+    smoke = str(RECIPES / "smoke.yaml")
+    main(["compare", "--recipes", smoke, "--output", str(tmp_path / "a"), "--grid", "model.lr=0.1,0.2", "--folds", "2"])
+    assert fake_runs == [(f"smoke.lr-{lr} fold {k}", None) for lr in (0.1, 0.2) for k in (0, 1)]
+    fake_runs.clear()
+    config = grid_config(tmp_path, methods={"lora": {}}, folds=3)
+    main(["compare", "--config", str(config), "--output", str(tmp_path / "b"), "--folds", "2", "--parallel", "2"])
+    assert sorted(fake_runs) == [("lora fold 0", None), ("lora fold 1", None)]  # the command line wins
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", "--recipes", smoke, "--output", str(tmp_path / "c"), "--parallel", "many"])
+    assert exit_.value.code == 2 and "--parallel: invalid" in capsys.readouterr().err

@@ -210,6 +210,14 @@ def compare_command(argv: list[str]) -> None:
     parser.add_argument(
         *both_spellings("--latency_rounds"), dest="latency_rounds", type=int, default=10, help="timing rounds"
     )
+    parser.add_argument("--folds", type=int, metavar="K", help="K-fold cross-validation over train+val (config: folds)")
+    parser.add_argument("--resume", action="store_true", help="continue --output: rerun only unfinished runs")
+    parser.add_argument(
+        "--parallel", type=_parallel, default="auto", metavar="N|auto", help="runs at once, one per GPU (auto)"
+    )
+    parser.add_argument(
+        "--grid", action="append", default=[], metavar="KEY=V1,V2", help="sweep an option (repeatable; config: grid)"
+    )
     args, shared_args = parser.parse_known_args(argv)
     if (args.config is None) == (args.recipes is None):
         parser.error("give either --config or --recipes.")
@@ -218,22 +226,35 @@ def compare_command(argv: list[str]) -> None:
     stray = [word for word in shared_args if word.startswith("-") and "." not in word.split("=")[0]]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    from vitlora.compare import Budget, compare_methods, load_compare_config, methods_from_recipes
+    from vitlora.compare import Budget, CompareConfig, compare_methods, load_compare_config, methods_from_recipes
+    from vitlora.compare.config import parse_grid_option
 
     budget = Budget(args.max_epochs, args.limit_train_batches, args.limit_val_batches)
-    methods = load_compare_config(args.config, args.methods) if args.config else methods_from_recipes(args.recipes)
+    grid = dict(parse_grid_option(option) for option in args.grid)
+    if args.config:
+        config = load_compare_config(args.config, args.methods, grid)
+    else:
+        config = CompareConfig(methods_from_recipes(args.recipes, grid))
     results = compare_methods(
-        methods,
+        config.methods,
         args.output,
         shared_args=shared_args,
         budget=budget,
         latency_rounds=args.latency_rounds,
+        folds=args.folds if args.folds is not None else config.folds or 1,  # the command line wins
+        parallel=args.parallel,
+        resume=args.resume,
         command=shlex.join(["vitlora", "compare", *argv]),
     )
     print(f"wrote {args.output / 'report.md'}")
     failed = [result.name for result in results if not result.ok]
     if failed:
         raise SystemExit(f"{len(failed)} of {len(results)} methods failed ({', '.join(failed)}): see the report.")
+
+
+def _parallel(text: str) -> int | str:
+    """--parallel: a number of runs at once, or auto (one per visible GPU)."""
+    return text if text == "auto" else int(text)
 
 
 def _batches(text: str) -> int | float:

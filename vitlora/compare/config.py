@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ SHARED_SETTINGS = (
     "model.backbone", "model.weights", "model.pretrained", "model.img_size", "model.model_kwargs",
 )  # fmt: skip
 METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_.-]+")
+CONFIG_KEYS = ("recipe", "methods", "grid", "folds")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class MethodSpec:
     name: str
     recipe: Path
     overrides: dict[str, Any] = field(default_factory=dict)
+    swept: tuple[str, ...] = ()  # the options a grid sweeps (their values are in overrides): these may differ
 
     def override_args(self) -> list[str]:
         """``--key value`` pairs; non-strings as JSON, which the fit parser reads as YAML."""
@@ -53,16 +57,39 @@ class Budget:
         return ", ".join(f"{key}={value}" for key, value in asdict(self).items() if value is not None) or "none"
 
 
-def load_compare_config(path: str | os.PathLike, only: Sequence[str] | None = None) -> list[MethodSpec]:
-    """The methods of a compare config (``only``: these names, in this order), checked for a fair setup."""
+@dataclass(frozen=True)
+class CompareConfig:
+    """What a compare config asks for: the methods (grid expanded) and the folds (None: not set)."""
+
+    methods: list[MethodSpec]
+    folds: int | None = None
+
+
+def load_compare_config(
+    path: str | os.PathLike, only: Sequence[str] | None = None, grid: Mapping[str, Sequence[Any]] | None = None
+) -> CompareConfig:
+    """The methods of a compare config, grid expanded and checked for a fair setup, and its folds.
+
+    ``only``: these entries of ``methods:``, in this order (each with all its grid combinations);
+    ``grid``: more options to sweep, replacing the file's values for the same option (``--grid``)."""
     path = Path(path)
     config = _read_yaml(path)
-    methods = config.get("methods") if isinstance(config, dict) else None
-    if not isinstance(methods, dict) or not methods:
-        raise ValueError(f"{path}: a compare config needs `methods:`, a mapping of method names to options.")
-    unknown = sorted(set(config) - {"recipe", "methods"})
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a compare config is a mapping with `recipe`, `methods` and optionally `grid`.")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; a compare config has `recipe` and `methods`.")
+        raise ValueError(f"{path}: unknown keys {unknown}; a compare config has {', '.join(CONFIG_KEYS)}.")
+    methods = config.get("methods")
+    file_grid = config.get("grid") or {}
+    if not isinstance(file_grid, dict):
+        raise ValueError(f"{path}: `grid:` must map dotted `vitlora fit` options to lists of values.")
+    grid = file_grid | dict(grid or {})
+    if methods is None and grid:
+        methods = {"": {}}  # a sweep of the recipe alone: methods named by their values
+    if not isinstance(methods, dict) or not methods:
+        raise ValueError(
+            f"{path}: a compare config needs `methods:`, a mapping of method names to options, or a `grid:`."
+        )
     specs = []
     for name, entry in methods.items():
         if entry is not None and not isinstance(entry, dict):
@@ -81,25 +108,71 @@ def load_compare_config(path: str | os.PathLike, only: Sequence[str] | None = No
         if missing:
             raise ValueError(f"{path}: no methods named {missing}; it has {list(by_name)}.")
         specs = [by_name[name] for name in only]
+    try:
+        specs = expand_grid(specs, grid)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    check_same_setup(specs)
+    return CompareConfig(specs, _folds(config.get("folds"), path))
+
+
+def methods_from_recipes(
+    paths: Sequence[str | os.PathLike], grid: Mapping[str, Sequence[Any]] | None = None
+) -> list[MethodSpec]:
+    """One method per recipe file, named after it, grid expanded; checked for a fair setup."""
+    specs = expand_grid([MethodSpec(Path(path).stem, Path(path).resolve()) for path in paths], grid or {})
     check_same_setup(specs)
     return specs
 
 
-def methods_from_recipes(paths: Sequence[str | os.PathLike]) -> list[MethodSpec]:
-    """One method per recipe file, named after it; checked for a fair setup."""
-    specs = [MethodSpec(Path(path).stem, Path(path).resolve()) for path in paths]
-    check_same_setup(specs)
-    return specs
+def expand_grid(methods: Sequence[MethodSpec], grid: Mapping[str, Sequence[Any]]) -> list[MethodSpec]:
+    """Each method once per combination of the grid's values (cartesian product, in grid order).
+
+    A combination is named ``<method>.<option>-<value>...``: the option by its last dotted part
+    (more parts when two swept options share it), the value as written, with characters a folder
+    name cannot hold replaced by ``_``: ``lora`` with ``model.img_size: [224, 288]`` gives
+    ``lora.img_size-224`` and ``lora.img_size-288``; without a method name, ``img_size-224``."""
+    if not grid:
+        return list(methods)
+    for key, values in grid.items():
+        if "." not in str(key):
+            raise ValueError(f"grid option {key!r} is not a dotted `vitlora fit` option (model.lr).")
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"grid option {key!r} needs a non-empty list of values, got {values!r}.")
+    keys = list(grid)
+    labels = _short_labels(keys)
+    expanded = []
+    for method in methods:
+        fixed = [key for key in keys if key in method.overrides]
+        if fixed:
+            raise ValueError(f"method {method.name!r} sets {fixed}, which the grid sweeps: set it in one place.")
+        for values in itertools.product(*grid.values()):
+            parts = [f"{labels[key]}-{_value_label(value)}" for key, value in zip(keys, values, strict=True)]
+            name = ".".join([method.name, *parts] if method.name else parts)
+            overrides = method.overrides | dict(zip(keys, values, strict=True))
+            expanded.append(replace(method, name=name, overrides=overrides, swept=(*method.swept, *keys)))
+    return expanded
+
+
+def parse_grid_option(text: str) -> tuple[str, list[Any]]:
+    """``KEY=V1,V2`` of ``--grid``: each value read as YAML (``0.1`` a number, ``true`` a boolean)."""
+    key, equals, values = text.partition("=")
+    if not equals or "." not in key or not values:
+        raise ValueError(f"--grid {text}: expected a dotted option and values, e.g. --grid model.lr=0.001,0.0003.")
+    return key, [yaml.safe_load(value) for value in values.split(",")]
 
 
 def check_same_setup(methods: Sequence[MethodSpec]) -> None:
-    """Raises unless the methods have distinct names and share every setting in SHARED_SETTINGS."""
+    """Raises unless the methods have distinct names and share every setting in SHARED_SETTINGS
+    that no grid sweeps (swept_options)."""
     names = [method.name for method in methods]
     bad = [name for name in names if not METHOD_NAME.fullmatch(name)]
     if bad:
         raise ValueError(f"Method names {bad} must be letters, digits, '_', '.' or '-' (they name folders).")
-    if len(set(names)) != len(names):
-        raise ValueError(f"Method names must be distinct, got {names}.")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"Method names must be distinct, but {repeated} occur more than once.")
+    swept = swept_options(methods)
     views = {}
     for method in methods:
         recipe = _read_yaml(method.recipe)
@@ -108,7 +181,11 @@ def check_same_setup(methods: Sequence[MethodSpec]) -> None:
                 f"{method.recipe}: a recipe is a mapping of settings (seed_everything, trainer, model, data)."
             )
         settings = _flatten(recipe) | _flatten(method.overrides)
-        views[method.name] = {key: value for key, value in settings.items() if _is_shared(key)}
+        views[method.name] = {
+            key: value
+            for key, value in settings.items()
+            if _is_under(key, SHARED_SETTINGS) and not _is_under(key, swept)
+        }
     keys = sorted({key for view in views.values() for key in view})
     unset = "(unset)"
     differing = [
@@ -121,6 +198,30 @@ def check_same_setup(methods: Sequence[MethodSpec]) -> None:
             "A fair comparison trains every method with the same seed, trainer, data and backbone, "
             "but these settings differ: " + "; ".join(differing)
         )
+
+
+def swept_options(methods: Sequence[MethodSpec]) -> list[str]:
+    """The options some grid sweeps across these methods, in the order first met."""
+    return list(dict.fromkeys(key for method in methods for key in method.swept))
+
+
+def _folds(value: Any, path: Path) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{path}: `folds:` must be a whole number, at least 2 for cross-validation, got {value!r}.")
+    return value
+
+
+def _short_labels(keys: Sequence[str]) -> dict[str, str]:
+    """Each option by as few of its last dotted parts as keep the labels distinct."""
+    for depth in itertools.count(1):  # ends: at full depth the labels are the (distinct) options themselves
+        labels = {key: ".".join(key.split(".")[-depth:]) for key in keys}
+        if len(set(labels.values())) == len(keys):
+            return labels
+
+
+def _value_label(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return NOT_IN_NAMES.sub("_", text).strip("_") or "_"
 
 
 def _read_yaml(path: Path) -> Any:
@@ -142,5 +243,5 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _is_shared(key: str) -> bool:
-    return any(key == shared or key.startswith(shared + ".") for shared in SHARED_SETTINGS)
+def _is_under(key: str, options: Sequence[str]) -> bool:
+    return any(key == option or key.startswith(option + ".") for option in options)

@@ -80,6 +80,12 @@ def _markdown(
     yield f"Budget: {budget}" + (
         " (a shortened run: for checking the set-up, not for choosing)" if budget != "none" else ""
     )
+    if settings.get("folds") or settings.get("grid"):
+        yield ""
+    if settings.get("folds"):
+        yield f"Folds: {settings['folds']}-fold cross-validation over train+val, one run per method and fold.  "
+    if settings.get("grid"):
+        yield f"Grid: the methods sweep {', '.join(f'`{key}`' for key in settings['grid'])}; all else is shared."
     yield ""
     yield "## Reading"
     yield ""
@@ -91,12 +97,22 @@ def _markdown(
     columns += ["test top-1", "test top-5", "test macro-F1"] if with_test else []
     yield from _table([*columns, "trainable", "trainable %"])
     for r in done:
-        splits = [r.val, r.test] if with_test else [r.val]
-        scores = [_percent(split.get(key)) for split in splits for key in ("top1", "top5", "macro_f1")]
+        splits = [(r.val, r.val_sd), (r.test, r.test_sd)] if with_test else [(r.val, r.val_sd)]
+        scores = [_percent(split.get(key), sd.get(key)) for split, sd in splits for key in ("top1", "top5", "macro_f1")]
         yield _row([r.name, *scores, f"{r.trainable:,}", f"{100 * r.trainable_fraction:.3g}"])
     images = {f"{r.val_images} val" + (f", {r.test_images} test" if r.test else "") for r in done}
     yield ""
-    yield f"Scores in %, on {' / '.join(sorted(images))} images, for the weights at the end of training."
+    if settings.get("folds"):
+        pooled = " / ".join(sorted({str(r.val_images) for r in done}))
+        tested = " / ".join(sorted({str(r.test_images) for r in done if r.test}))
+        yield (
+            f"Scores in %, mean ± sd over the folds: {settings['folds']}-fold cross-validation over train+val "
+            f"({pooled} images), each image scored once, by the fold run that did not train on it"
+            + (f"; test: every fold run on the same {tested} test images" if tested else "")
+            + ". For the weights at the end of training."
+        )
+    else:
+        yield f"Scores in %, on {' / '.join(sorted(images))} images, for the weights at the end of training."
     if pairs:
         yield ""
         yield from _paired_table(best, pairs)
@@ -125,6 +141,8 @@ def _markdown(
         "with the base model (the backbone without any adapter), in eval mode and the training precision; "
         "ratios to the base in parentheses. Wall: the whole process (training, evaluation, export, latency)."
     )
+    if settings.get("folds"):
+        yield "Over folds: step, images/s, memory, sizes and latency are the fold runs' median; fit and wall their sum."
     yield ""
     yield "![val top-1 vs trainable parameters](accuracy_vs_parameters.png)"
     yield "![training throughput](throughput.png) ![training memory](memory.png)"
@@ -134,13 +152,17 @@ def _markdown(
         yield ""
         yield "## Failures"
         yield ""
-        yield from (f"- **{r.name}**: {r.error} (log: `{_relative(r.run_dir, output)}/train.log`)" for r in failed)
+        for r in failed:
+            run_dir = next((run["run_dir"] for run in r.runs if run["error"]), r.run_dir)  # the failed fold's
+            yield f"- **{r.name}**: {r.error} (log: `{_relative(run_dir, output)}/train.log`)"
     yield ""
     yield "## Methods"
     yield ""
     for r in results:
         notes = "".join(f" Note: {note}." for note in r.notes)
-        yield f"- **{r.name}** (`{_relative(r.run_dir, output)}`):{notes} `{r.fit_command}`"
+        yield f"- **{r.name}** (`{_relative(r.run_dir, output)}`):{notes}" + ("" if r.folds else f" `{r.fit_command}`")
+        for run in r.runs if r.folds else []:
+            yield f"  - fold {run['fold']} (`{_relative(run['run_dir'], output)}`): `{run['fit_command']}`"
     if settings["shared_args"]:
         yield f"- every method: `{shlex.join(settings['shared_args'])}`"
     yield ""
@@ -186,8 +208,9 @@ def _latency(result: MethodResult, kind: str) -> str:
     return _ms(result.latency_s.get(kind)) + ("" if ratio is None else f" ({ratio:.2f}x)")
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+def _percent(value: float | None, sd: float | None = None) -> str:
+    """A score in %, with its standard deviation over folds when there is one."""
+    return "-" if value is None else f"{100 * value:.1f}" + ("" if sd is None else f" ± {100 * sd:.1f}")
 
 
 def _ms(seconds: float | None) -> str:

@@ -1,24 +1,55 @@
-"""Runs each method of a comparison in a fresh process (vitlora.compare.measure) and gathers its numbers."""
+"""Runs each method of a comparison (or each of its folds) in a fresh process and gathers its numbers.
+
+Every run is one `vitlora fit` in a process of its own (vitlora.compare.measure), in its own folder:
+``runs/<method>/``, or ``runs/<method>/fold<k>/`` under K-fold cross-validation. Up to ``parallel``
+runs go at once, each on its own GPU; a method's result combines its runs (result.combine_runs),
+so a plain comparison is the one-run case of a cross-validated one.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import shlex
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-from vitlora.compare.config import Budget, MethodSpec, check_same_setup
+from vitlora.compare.config import Budget, MethodSpec, check_same_setup, swept_options
 from vitlora.compare.report import write_report
-from vitlora.compare.result import MethodResult
+from vitlora.compare.result import MethodResult, combine_runs
 from vitlora.files import atomic_write
 
 RESULT_FILE = "measurements.json"
+SETTINGS_FILE = "comparison.json"  # what the comparison was started with: --resume checks it
 PROGRESS_LINES = ("epoch ", "best checkpoint:")  # what vitlora.training.run_summary prints as a fit goes
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the child process imports this very vitlora
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One `vitlora fit` of a comparison: a method, the fold it holds out (None without folds), its folder."""
+
+    method: MethodSpec
+    fold: int | None
+    run_dir: Path
+    fit_args: tuple[str, ...]  # everything after `vitlora fit`, save the GPU pinning
+
+    @property
+    def label(self) -> str:
+        return self.method.name + ("" if self.fold is None else f" fold {self.fold}")
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / RESULT_FILE).is_file()
 
 
 def compare_methods(
@@ -28,75 +59,290 @@ def compare_methods(
     shared_args: Sequence[str] = (),
     budget: Budget | None = None,
     latency_rounds: int = 10,
+    folds: int = 1,
+    parallel: int | str = "auto",
+    resume: bool = False,
     command: str | None = None,
 ) -> list[MethodResult]:
-    """Trains each method in turn, each in its own process, and writes the report into ``output``.
+    """Trains each method (each of its ``folds`` folds) in its own process and writes the report into ``output``.
 
     ``shared_args``: `vitlora fit` options for every method (``--data.root``, ``--model.weights``);
-    a method's own options come after them. A failing method is recorded and the others still
-    run; the report is rewritten after each method, so an interrupted comparison keeps what finished.
+    a method's own options come after them. ``folds`` >= 2: K-fold cross-validation over train+val,
+    K runs per method. ``parallel``: runs at once, each pinned to its own GPU ("auto": one per
+    visible GPU, 1 without). ``resume``: continue ``output``, skipping runs that finished. A failing
+    run is recorded and the others still run; the report is rewritten after each run, so an
+    interrupted comparison keeps what finished. Results come in the order of ``methods``.
     """
     output, budget = Path(output), budget or Budget()
     if not methods:
         raise ValueError("Nothing to compare: no methods given.")
+    if folds < 1:
+        raise ValueError(f"folds must be at least 2 for cross-validation (1: none), got {folds}.")
     check_same_setup(methods)
-    if output.is_file() or (output.is_dir() and any(output.iterdir())):
-        raise ValueError(f"{output}: already holds files; choose a new --output so that runs never mix.")
+    slots = run_slots(parallel)
+    saved = {
+        "methods": [{"name": m.name, "recipe": str(m.recipe), "overrides": m.overrides} for m in methods],
+        "shared_args": list(shared_args),
+        "budget": asdict(budget),
+        "folds": folds,
+        "latency_rounds": latency_rounds,
+    }
+    saved = json.loads(json.dumps(saved))  # as --resume will read it back
+    runs = plan_runs(methods, output, folds, shared_args, budget)
+    check_output(output, runs, saved, resume)
+    with atomic_write(output / SETTINGS_FILE) as tmp:
+        tmp.write_text(json.dumps(saved, indent=1))
     settings = {
         "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "budget": str(budget),
         "shared_args": list(shared_args),
         "latency_rounds": latency_rounds,
+        "folds": folds if folds > 1 else 0,
+        "grid": swept_options(methods),
     }
-    results: list[MethodResult] = []
-    for number, method in enumerate(methods, 1):
-        run_dir = output / "runs" / method.name
-        print(f"[{number}/{len(methods)}] {method.name}: training (log: {run_dir / 'train.log'})", flush=True)
-        args = [*shared_args, *method.override_args(), *budget.trainer_args()]
-        results.append(run_method(method, run_dir, args, latency_rounds))
-        print(f"[{number}/{len(methods)}] {method.name}: {results[-1].error or 'done'}", flush=True)
+    done = {index: read_run(run) for index, run in enumerate(runs) if run.finished}
+    pending = [index for index in range(len(runs)) if index not in done]
+    if done:
+        print(f"resuming {output}: {len(done)} of {len(runs)} runs finished, {len(pending)} to go", flush=True)
+    for index in pending:  # an unfinished run's checkpoints and logs would mix with the new ones
+        shutil.rmtree(runs[index].run_dir, ignore_errors=True)
+
+    def launch(index: int, gpu: str | None) -> MethodResult:
+        run, number = runs[index], f"[{index + 1}/{len(runs)}]"
+        where = "" if gpu is None else f" on GPU {gpu}"
+        print(f"{number} {run.label}: training{where} (log: {run.run_dir / 'train.log'})", flush=True)
+        result = measure_run(run, latency_rounds, gpu)
+        print(f"{number} {run.label}: {result.error or 'done'}", flush=True)
+        return result
+
+    for index, result in run_concurrently(pending, slots, launch):
+        done[index] = result
+        write_report(output, method_results(methods, runs, done), settings)
+    results = method_results(methods, runs, done)
+    if not pending:
         write_report(output, results, settings)
     return results
 
 
-def run_method(method: MethodSpec, run_dir: Path, args: Sequence[str], latency_rounds: int = 10) -> MethodResult:
-    """Trains and measures one method in a fresh process; its logs, checkpoints and numbers go to ``run_dir``."""
-    fit_args = ["--config", str(method.recipe), *args, *_run_folder_args(run_dir)]
-    result_path = run_dir / RESULT_FILE
+def plan_runs(
+    methods: Sequence[MethodSpec],
+    output: Path,
+    folds: int = 1,
+    shared_args: Sequence[str] = (),
+    budget: Budget | None = None,
+) -> list[PlannedRun]:
+    """Every run of the comparison, method by method: one per method, or one per fold when ``folds`` >= 2.
+
+    A run's options: its recipe, the shared options, its method's, the budget, its fold, then its folder
+    (the run logger's save_dir/name/version and the checkpoints all in it)."""
+    budget_args = (budget or Budget()).trainer_args()
+    runs = []
+    for method in methods:
+        for fold in range(folds) if folds > 1 else [None]:
+            run_dir, fold_args = output / "runs" / method.name, []
+            if fold is not None:
+                run_dir, fold_args = run_dir / f"fold{fold}", ["--data.folds", str(folds), "--data.fold", str(fold)]
+            fit_args = [
+                "--config", str(method.recipe), *shared_args, *method.override_args(), *budget_args, *fold_args,
+                "--trainer.default_root_dir", str(run_dir),
+                "--trainer.logger.init_args.save_dir", str(run_dir.parent.parent),
+                "--trainer.logger.init_args.name", run_dir.parent.name,
+                "--trainer.logger.init_args.version", run_dir.name,
+            ]  # fmt: skip
+            runs.append(PlannedRun(method, fold, run_dir, tuple(fit_args)))
+    return runs
+
+
+def method_results(
+    methods: Sequence[MethodSpec], runs: Sequence[PlannedRun], done: Mapping[int, MethodResult]
+) -> list[MethodResult]:
+    """A result for each method whose runs (``done``: by index in ``runs``) have all finished, in method order."""
+    results = []
+    for method in methods:
+        own = [index for index, run in enumerate(runs) if run.method.name == method.name]
+        if all(index in done for index in own):
+            first = runs[own[0]]
+            folds = 0 if first.fold is None else len(own)
+            folder = first.run_dir if first.fold is None else first.run_dir.parent
+            described = {"name": method.name, "recipe": str(method.recipe), "overrides": method.overrides}
+            results.append(combine_runs([done[index] for index in own], folds, **described, run_dir=str(folder)))
+    return results
+
+
+def check_output(output: Path, runs: Sequence[PlannedRun], saved: dict[str, Any], resume: bool) -> None:
+    """Refuses an output that a new comparison would mix with, or that --resume cannot continue as asked."""
+    if output.is_file():
+        raise ValueError(f"{output}: is a file; --output names a folder.")
+    used = output.is_dir() and any(output.iterdir())
+    if not resume:
+        if used:
+            raise ValueError(f"{output}: already holds files; choose a new --output (or --resume to continue it).")
+        return
+    finished = sorted(output.glob(f"runs/**/{RESULT_FILE}"))
+    settings_path = output / SETTINGS_FILE
+    if settings_path.is_file():
+        differences = settings_differences(_read_json(settings_path), saved)
+        if differences:
+            raise ValueError(
+                f"{output}: --resume with other settings than {SETTINGS_FILE} records: {'; '.join(differences)}."
+            )
+    elif finished:
+        print(
+            f"vitlora compare: warning: {output} has no {SETTINGS_FILE}: its finished runs are taken to have "
+            "this command's settings.",
+            file=sys.stderr,
+        )
+    elif used:
+        raise ValueError(f"{output}: nothing to resume (no {SETTINGS_FILE}, no finished run); choose a new --output.")
+    planned = {run.run_dir / RESULT_FILE for run in runs}
+    strays = [path for path in finished if path not in planned]
+    if strays:
+        raise ValueError(
+            f"{output}: holds finished runs this comparison does not plan ({', '.join(map(str, strays))}): "
+            "other methods or folds; resume with the settings that made them."
+        )
+
+
+def settings_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two saved comparison settings, one phrase per setting."""
+    differences = []
+    for key in dict.fromkeys([*before, *now]):
+        if key == "methods":
+            old = {m["name"]: m for m in before.get(key, [])}
+            new = {m["name"]: m for m in now.get(key, [])}
+            added, gone = [n for n in new if n not in old], [n for n in old if n not in new]
+            changed = [n for n in new if n in old and old[n] != new[n]]
+            phrases = [f"{label} {names}" for label, names in (("new", added), ("gone", gone)) if names]
+            phrases += [f"{name} changed ({_difference(old[name], new[name])})" for name in changed]
+            if not phrases and list(old) != list(new):
+                phrases = [f"order {list(old)} -> {list(new)}"]
+            differences += [f"methods: {', '.join(phrases)}"] if phrases else []
+        elif before.get(key) != now.get(key):
+            differences.append(f"{key}: {before.get(key)!r} -> {now.get(key)!r}")
+    return differences
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    return ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in new if old.get(key) != new.get(key))
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices a child may be pinned to, as CUDA_VISIBLE_DEVICES names them (its entries, else 0..n-1)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(index) for index in range(count)]
+    return [entry.strip() for entry in listed.split(",") if entry.strip()][:count]
+
+
+def run_slots(parallel: int | str) -> list[str | None]:
+    """One slot per run that may go at once: a GPU id each when GPUs are visible, else None (CPU).
+
+    ``parallel``: a count, or "auto" (one per visible GPU, 1 without)."""
+    gpus = visible_gpus()
+    if parallel == "auto":
+        return list(gpus) or [None]
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ValueError(f"parallel must be a positive number of runs or 'auto', got {parallel!r}.")
+    if gpus and parallel > len(gpus):
+        raise ValueError(
+            f"parallel {parallel}: only {len(gpus)} GPUs are visible ({','.join(gpus)}) and each run needs its own."
+        )
+    return gpus[:parallel] if gpus else [None] * parallel
+
+
+def run_concurrently(
+    indices: Sequence[int], slots: Sequence[T], work: Callable[[int, T], MethodResult]
+) -> Iterator[tuple[int, MethodResult]]:
+    """``work(index, slot)`` for each index, started in order, at most one per slot at a time;
+    yields (index, result) as each finishes. A slot (a GPU) is never held by two at once."""
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for slot in slots:
+        free.put(slot)
+
+    def hold_a_slot(index: int) -> tuple[int, MethodResult]:
+        slot = free.get()
+        try:
+            return index, work(index, slot)
+        finally:
+            free.put(slot)
+
+    pool = ThreadPoolExecutor(max_workers=max(1, len(slots)))
+    try:
+        futures = [pool.submit(hold_a_slot, index) for index in indices]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:  # interrupted or failed: start nothing more, wait for what runs
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def measure_run(run: PlannedRun, latency_rounds: int = 10, gpu: str | None = None) -> MethodResult:
+    """Trains and measures one run in a fresh process, pinned to ``gpu`` when given; it writes into its folder."""
+    fit_args, env = list(run.fit_args), {"PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+    if gpu is not None:
+        fit_args += ["--trainer.devices", "1"]
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    fit_command = fit_command_line(fit_args, gpu)
+    result_path = run.run_dir / RESULT_FILE
     command = [sys.executable, "-m", "vitlora.compare.measure", str(result_path), str(latency_rounds), *fit_args]
-    python_path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    env = os.environ | {"PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1"}
-    with atomic_write(run_dir / "train.log") as tmp, open(tmp, "w") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    with atomic_write(run.run_dir / "train.log") as tmp, open(tmp, "w") as log:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | env
+        )
         for line in process.stdout:  # the whole log to train.log, its progress lines to the screen as they come
             log.write(line)
             if line.startswith(PROGRESS_LINES):
-                print(f"    {method.name}: {line.rstrip()}", flush=True)
+                print(f"    {run.label}: {line.rstrip()}", flush=True)
         process.wait()
-    described = {
+    wall_s = time.perf_counter() - start
+    if process.returncode == 0 and result_path.is_file():
+        record = _read_json(result_path) | {"wall_s": wall_s, "fit_command": fit_command}
+        with atomic_write(result_path) as tmp:  # the runner's part of the record, for --resume to read back
+            tmp.write_text(json.dumps(record, indent=1))
+        return read_run(run)
+    error = f"exit code {process.returncode}: {_last_words(run.run_dir / 'train.log')}"
+    return MethodResult(**_described(run, fit_command), wall_s=wall_s, error=error)
+
+
+def read_run(run: PlannedRun) -> MethodResult:
+    """A finished run's result from its measurements.json, with the wall time and command the runner recorded
+    there (a run started by hand has neither: no wall time, the command as this comparison would give it)."""
+    path = run.run_dir / RESULT_FILE
+    predictions = run.run_dir / "val_predictions.csv"
+    fields = _described(run, fit_command_line(run.fit_args)) | _read_json(path)
+    try:
+        return MethodResult(**fields, prediction_files=[str(predictions)] if predictions.is_file() else [])
+    except TypeError as error:
+        raise ValueError(f"{path}: not a measurements file of this vitlora ({error}).") from None
+
+
+def fit_command_line(fit_args: Sequence[str], gpu: str | None = None) -> str:
+    """The `vitlora fit` command a run amounts to, for the report."""
+    command = shlex.join(["vitlora", "fit", *fit_args])
+    return command if gpu is None else f"CUDA_VISIBLE_DEVICES={shlex.quote(gpu)} {command}"
+
+
+def _described(run: PlannedRun, fit_command: str) -> dict[str, Any]:
+    method = run.method
+    return {
         "name": method.name,
         "recipe": str(method.recipe),
         "overrides": method.overrides,
-        "fit_command": shlex.join(["vitlora", "fit", *fit_args]),
-        "run_dir": str(run_dir),
-        "wall_s": time.perf_counter() - start,
+        "fit_command": fit_command,
+        "run_dir": str(run.run_dir),
     }
-    if process.returncode == 0 and result_path.is_file():
-        predictions = [str(run_dir / "val_predictions.csv")] if (run_dir / "val_predictions.csv").is_file() else []
-        return MethodResult(**described, **json.loads(result_path.read_text()), prediction_files=predictions)
-    return MethodResult(**described, error=f"exit code {process.returncode}: {_last_words(run_dir / 'train.log')}")
 
 
-def _run_folder_args(run_dir: Path) -> list[str]:
-    """The run logger (save_dir/name/version) and checkpoints write into ``run_dir`` itself."""
-    return [
-        "--trainer.default_root_dir", str(run_dir),
-        "--trainer.logger.init_args.save_dir", str(run_dir.parent.parent),
-        "--trainer.logger.init_args.name", run_dir.parent.name,
-        "--trainer.logger.init_args.version", run_dir.name,
-    ]  # fmt: skip
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable ({error}).") from None
 
 
 def _last_words(log: Path, lines: int = 3) -> str:
