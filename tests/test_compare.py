@@ -612,6 +612,21 @@ def test_the_fairness_check_lets_exactly_the_swept_options_differ(tmp_path):
         load_compare_config(grid_config(tmp_path, methods={"lora": {}}, folds="five"))
 
 
+def test_vary_frees_the_listed_options_and_only_them(tmp_path):
+    methods = {"lora": {}, "mix": {"data.mixup": 0.2, "data.cutmix": 1.0}}
+    with pytest.raises(ValueError, match=r"these settings differ: data\.cutmix .*; data\.mixup"):
+        load_compare_config(grid_config(tmp_path, methods=methods))
+    freed = load_compare_config(grid_config(tmp_path, methods=methods, vary=["data.mixup", "data.cutmix"]))
+    assert [m.name for m in freed.methods] == ["lora", "mix"]
+    assert swept_options(freed.methods) == ["data.mixup", "data.cutmix"]
+    with pytest.raises(ValueError, match=r"these settings differ: data\.cutmix"):
+        load_compare_config(grid_config(tmp_path, methods=methods, vary=["data.mixup"]))
+    with pytest.raises(ValueError, match=r"`vary:` must list dotted"):
+        load_compare_config(grid_config(tmp_path, methods=methods, vary="data.mixup"))
+    sweep = load_compare_config(RECIPES / "grocery_sweep.yaml")  # the shipped sweep loads and is fair
+    assert len(sweep.methods) == 8 and {"model.img_size", "data.mixup"} <= set(swept_options(sweep.methods))
+
+
 def test_the_report_names_the_swept_options(tmp_path, fake_runs):
     methods = load_compare_config(grid_config(tmp_path, grid={"model.img_size": [32, 48]})).methods
     compare_methods(methods, tmp_path / "out")

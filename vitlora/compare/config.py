@@ -19,7 +19,7 @@ SHARED_SETTINGS = (
 )  # fmt: skip
 METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_.-]+")
-CONFIG_KEYS = ("recipe", "methods", "grid", "folds")
+CONFIG_KEYS = ("recipe", "methods", "grid", "vary", "folds")
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class MethodSpec:
     name: str
     recipe: Path
     overrides: dict[str, Any] = field(default_factory=dict)
-    swept: tuple[str, ...] = ()  # the options a grid sweeps (their values are in overrides): these may differ
+    swept: tuple[str, ...] = ()  # options a grid sweeps or `vary:` frees: these may differ between methods
 
     def override_args(self) -> list[str]:
         """``--key value`` pairs; non-strings as JSON, which the fit parser reads as YAML."""
@@ -84,6 +84,9 @@ def load_compare_config(
     if not isinstance(file_grid, dict):
         raise ValueError(f"{path}: `grid:` must map dotted `vitlora fit` options to lists of values.")
     grid = file_grid | dict(grid or {})
+    vary = config.get("vary") or []
+    if not isinstance(vary, list) or not all(isinstance(key, str) and "." in key for key in vary):
+        raise ValueError(f"{path}: `vary:` must list dotted `vitlora fit` options the methods may differ in.")
     if methods is None and grid:
         methods = {"": {}}  # a sweep of the recipe alone: methods named by their values
     if not isinstance(methods, dict) or not methods:
@@ -101,7 +104,7 @@ def load_compare_config(
         not_dotted = [key for key in options if "." not in str(key)]
         if not_dotted:
             raise ValueError(f"{path}: method {name!r}: {not_dotted} are not dotted `vitlora fit` options (model.lr).")
-        specs.append(MethodSpec(str(name), (path.parent / recipe).resolve(), options))
+        specs.append(MethodSpec(str(name), (path.parent / recipe).resolve(), options, swept=tuple(vary)))
     if only:
         by_name = {spec.name: spec for spec in specs}
         missing = [name for name in only if name not in by_name]
