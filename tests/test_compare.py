@@ -656,3 +656,25 @@ def test_cli_sweeps_folds_and_parallel_runs_reach_the_runner(tmp_path, fake_runs
     with pytest.raises(SystemExit) as exit_:
         main(["compare", "--recipes", smoke, "--output", str(tmp_path / "c"), "--parallel", "many"])
     assert exit_.value.code == 2 and "--parallel: invalid" in capsys.readouterr().err
+
+
+def test_weakest_classes_of_the_best_method_with_every_method_on_them(tmp_path):
+    def predictions(name, rows):
+        path = tmp_path / f"{name}.csv"
+        path.write_text("path,label,predicted\n" + "".join(f"{i}.jpg,{label},{pred}\n" for i, (label, pred) in rows))
+        return [str(path)]
+
+    labels = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    best_pred = [0, 0, 0, 0, 1, 1, 0, 0, 2, 1]  # class 1: 2/4, class 2: 1/2, class 0: 4/4
+    other_pred = [0, 1, 1, 1, 1, 1, 1, 1, 2, 2]
+    names = ["apple", "banana", "cherry"]
+    best = MethodResult(
+        "best", prediction_files=predictions("b", enumerate(zip(labels, best_pred, strict=True))), class_names=names
+    )
+    other = MethodResult("other", prediction_files=predictions("o", enumerate(zip(labels, other_pred, strict=True))))
+    unscored = MethodResult("unscored")
+    lines = list(compare_report.weakest_classes([best, other, unscored], "best", count=2))
+    assert lines[0] == "## Weakest classes of best"
+    assert lines[2] == "| class | images | best (%) | other (%) |"
+    assert lines[4:6] == ["| banana | 4 | 50.0 | 100.0 |", "| cherry | 2 | 50.0 | 100.0 |"]
+    assert list(compare_report.weakest_classes([best, other], "unscored")) == []

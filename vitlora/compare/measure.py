@@ -280,6 +280,7 @@ def measure_method(result_path: Path, fit_args: list[str], latency_rounds: int =
         "device": device_name(device),
         "curve": meter.validations,
         "notes": notes,
+        "class_names": list(module.class_names),
     }
     with atomic_write(result_path) as tmp:
         tmp.write_text(json.dumps(record, indent=1))

@@ -47,10 +47,25 @@ def read_correct(files: Iterable[str | os.PathLike]) -> dict[str, bool]:
         image path -> predicted == label.
 
     Raises:
+        ValueError: as read_predictions.
+    """
+    return {path: label == predicted for path, (label, predicted) in read_predictions(files).items()}
+
+
+def read_predictions(files: Iterable[str | os.PathLike]) -> dict[str, tuple[int, int]]:
+    """Each image's label and top-1 prediction, pooled over prediction files with disjoint images.
+
+    Args:
+        files: CSV files with the columns path, label, predicted (class numbers), one row per image.
+
+    Returns:
+        image path -> (label, predicted).
+
+    Raises:
         ValueError: a file is unreadable, lacks a column, has a malformed row, or scores an image
             already scored (in it or an earlier file); the message names the file (and the line).
     """
-    correct: dict[str, bool] = {}
+    predictions: dict[str, tuple[int, int]] = {}
     seen_in: dict[str, str] = {}
     for file in map(str, files):
         try:
@@ -65,12 +80,12 @@ def read_correct(files: Iterable[str | os.PathLike]) -> dict[str, bool]:
                     label, predicted = _class_number(label), _class_number(predicted)
                     if None in row or not path or label is None or predicted is None:
                         raise ValueError(f"{where}: expected path,label,predicted with class numbers, got {row}.")
-                    if path in correct:
+                    if path in predictions:
                         raise ValueError(f"{where}: {path} is already scored in {seen_in[path]}.")
-                    correct[path], seen_in[path] = label == predicted, file
+                    predictions[path], seen_in[path] = (label, predicted), file
         except (OSError, UnicodeDecodeError, csv.Error) as error:
             raise ValueError(f"{file}: cannot read predictions ({error}).") from error
-    return correct
+    return predictions
 
 
 def _class_number(text: str | None) -> int | None:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from vitlora._version import __version__
 from vitlora.charts import bar_chart, line_chart, scatter_chart
-from vitlora.compare.paired import BOOTSTRAP_ROUNDS, PairedComparison
+from vitlora.compare.paired import BOOTSTRAP_ROUNDS, PairedComparison, read_predictions
 from vitlora.compare.reading import comparison_reading, paired_with_best, standings
 from vitlora.compare.result import MethodResult, megabytes
 from vitlora.files import atomic_write
@@ -93,12 +93,15 @@ def _markdown(
     yield ""
     yield "## Accuracy"
     yield ""
-    columns = ["method", "val top-1", "val top-5", "val macro-F1"]
-    columns += ["test top-1", "test top-5", "test macro-F1"] if with_test else []
+    metrics = {"top1": "top-1", "top5": "top-5", "macro_f1": "macro-F1"}
+    if any("coarse_top1" in r.val for r in done):  # a layout with coarse classes (Grocery Store)
+        metrics["coarse_top1"] = "coarse top-1"
+    columns = ["method", *(f"val {name}" for name in metrics.values())]
+    columns += [f"test {name}" for name in metrics.values()] if with_test else []
     yield from _table([*columns, "trainable", "trainable %"])
     for r in done:
         splits = [(r.val, r.val_sd), (r.test, r.test_sd)] if with_test else [(r.val, r.val_sd)]
-        scores = [_percent(split.get(key), sd.get(key)) for split, sd in splits for key in ("top1", "top5", "macro_f1")]
+        scores = [_percent(split.get(key), sd.get(key)) for split, sd in splits for key in metrics]
         yield _row([r.name, *scores, f"{r.trainable:,}", f"{100 * r.trainable_fraction:.3g}"])
     images = {f"{r.val_images} val" + (f", {r.test_images} test" if r.test else "") for r in done}
     yield ""
@@ -116,6 +119,10 @@ def _markdown(
     if pairs:
         yield ""
         yield from _paired_table(best, pairs)
+    weakest = list(weakest_classes(results, best))
+    if weakest:
+        yield ""
+        yield from weakest
     yield ""
     yield "## Cost"
     yield ""
@@ -170,6 +177,37 @@ def _markdown(
     yield ""
     yield from (f"- {key}: {value}" for key, value in environment["machine"].items())
     yield "- versions: " + ", ".join(f"{name} {version}" for name, version in environment["versions"].items())
+
+
+def weakest_classes(results: Sequence[MethodResult], best: str, count: int = 10) -> Iterator[str]:
+    """The ``count`` classes the most accurate method gets wrong most often, with every method's accuracy on them.
+
+    Per-class accuracies come from the prediction files (pooled over folds); methods without them
+    are left out, and nothing is written when the most accurate method has none."""
+    scored = {r.name: r for r in results if r.ok and r.prediction_files}
+    if best not in scored:
+        return
+    per_class = {name: _class_accuracy(read_predictions(r.prediction_files)) for name, r in scored.items()}
+    names = scored[best].class_names
+    worst = sorted(per_class[best], key=lambda label: (per_class[best][label][0], label))[:count]
+    yield f"## Weakest classes of {best}"
+    yield ""
+    yield from _table(["class", "images", *(f"{name} (%)" for name in per_class)])
+    for label in worst:
+        cells = [_percent(per_class[name].get(label, (None, 0))[0]) for name in per_class]
+        yield _row([names[label] if label < len(names) else str(label), str(per_class[best][label][1]), *cells])
+    yield ""
+    yield f"Top-1 per true class on the val images (pooled over folds), for the {len(worst)} lowest of {best}."
+
+
+def _class_accuracy(predictions: Mapping[str, tuple[int, int]]) -> dict[int, tuple[float, int]]:
+    """class -> (accuracy, images) over the images of that true class."""
+    right: dict[int, int] = {}
+    seen: dict[int, int] = {}
+    for label, predicted in predictions.values():
+        seen[label] = seen.get(label, 0) + 1
+        right[label] = right.get(label, 0) + (label == predicted)
+    return {label: (right[label] / seen[label], seen[label]) for label in seen}
 
 
 def _paired_table(best: str, pairs: Mapping[str, PairedComparison]) -> Iterator[str]:

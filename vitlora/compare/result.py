@@ -11,7 +11,7 @@ COST_FIELDS = ("step_time_s", "images_per_s", "peak_memory_mb", "checkpoint_byte
 TOTAL_FIELDS = ("val_images", "fit_s", "wall_s")  # fold runs score disjoint images and take their own time
 SHARED_FIELDS = (  # the same in every fold run (else left at the default): what was trained, on what
     "method", "test_images", "trainable", "total", "memory_kind", "checkpoint", "adapter", "latency_batch", "device",
-    "fit_command",
+    "fit_command", "class_names",
 )  # fmt: skip
 
 
@@ -48,7 +48,8 @@ class MethodResult:
     device: str = ""
     curve: list[dict[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    prediction_files: list[str] = field(default_factory=list)  # val_predictions.csv of each run (fold)
+    prediction_files: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)  # val_predictions.csv of each run (fold)
     folds: int = 0  # K of K-fold cross-validation over train+val; 0: one run on the data's own val split
     val_sd: dict[str, float] = field(default_factory=dict)  # sample standard deviation over the folds
     test_sd: dict[str, float] = field(default_factory=dict)
