@@ -1,4 +1,5 @@
-"""`vitlora compare`: one tiny CPU comparison end to end, then the config checks and the reading."""
+"""`vitlora compare`: one tiny CPU comparison end to end, the config checks and the reading; then
+cross-validation (a second tiny run, resumed), grids and one run per GPU."""
 
 import csv
 import importlib.metadata
@@ -608,7 +609,7 @@ def test_the_fairness_check_lets_exactly_the_swept_options_differ(tmp_path):
         load_compare_config(grid_config(tmp_path, methods={"lora": {"data.mixup": 0.1}}, grid=grid))
     with pytest.raises(ValueError, match=r"grid\.yaml: grid option 'model\.lr' needs a non-empty list"):
         load_compare_config(grid_config(tmp_path, grid={"model.lr": 0.1}))
-    with pytest.raises(ValueError, match=r"`folds:` must be a whole number"):
+    with pytest.raises(ValueError, match=r"`folds:` must be 2 or more for cross-validation \(1: none\), got 'five'"):
         load_compare_config(grid_config(tmp_path, methods={"lora": {}}, folds="five"))
 
 

@@ -75,7 +75,7 @@ def load_compare_config(
     path = Path(path)
     config = _read_yaml(path)
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: a compare config is a mapping with `recipe`, `methods` and optionally `grid`.")
+        raise ValueError(f"{path}: a compare config is a mapping with the keys {', '.join(CONFIG_KEYS)}.")
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; a compare config has {', '.join(CONFIG_KEYS)}.")
@@ -210,7 +210,7 @@ def swept_options(methods: Sequence[MethodSpec]) -> list[str]:
 
 def _folds(value: Any, path: Path) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{path}: `folds:` must be a whole number, at least 2 for cross-validation, got {value!r}.")
+        raise ValueError(f"{path}: `folds:` must be 2 or more for cross-validation (1: none), got {value!r}.")
     return value
 
 
