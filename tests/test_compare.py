@@ -679,3 +679,16 @@ def test_weakest_classes_of_the_best_method_with_every_method_on_them(tmp_path):
     assert lines[2] == "| class | images | best (%) | other (%) |"
     assert lines[4:6] == ["| banana | 4 | 50.0 | 100.0 |", "| cherry | 2 | 50.0 | 100.0 |"]
     assert list(compare_report.weakest_classes([best, other], "unscored")) == []
+
+
+def test_a_pick_between_variants_of_one_method_names_what_they_share_not_a_fake_cost():
+    same = {"adapter_bytes": 360_000, "peak_memory_mb": 1000.0}
+    lines = comparison_reading(
+        [
+            result("hi_res", 0.91, 89_361, step_time_s=0.2, **same),
+            result("low_res", 0.905, 89_361, step_time_s=0.1, **same),
+        ]
+    )
+    pick = next(line for line in lines if line.startswith("Pick"))
+    assert pick.startswith("Pick **low_res**: as accurate as hi_res within noise, training the same 89,361 parameters")
+    assert "storing" not in pick and "0.50x the training step time" in pick

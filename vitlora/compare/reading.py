@@ -170,9 +170,12 @@ def _recommendation(pick: MethodResult, best: MethodResult, close: list[MethodRe
 
 def _costs(a: MethodResult, b: MethodResult) -> str:
     """What ``a`` costs next to ``b``: parameters, stored bytes per task, step time, peak memory."""
-    parts = [f"training {trainable_text(a)} of the parameters instead of {trainable_text(b)}"]
+    if a.trainable == b.trainable:  # a sweep's variants often train the very same tensors
+        parts = [f"training the same {a.trainable:,} parameters"]
+    else:
+        parts = [f"training {trainable_text(a)} of the parameters instead of {trainable_text(b)}"]
     (a_kind, a_bytes), (b_kind, b_bytes) = a.shipped, b.shipped
-    if a_bytes and b_bytes:
+    if a_bytes and b_bytes and megabytes(a_bytes) != megabytes(b_bytes):
         parts.append(
             f"storing a {megabytes(a_bytes)} MB {a_kind} per task instead of a {megabytes(b_bytes)} MB {b_kind}"
         )
