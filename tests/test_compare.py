@@ -33,7 +33,7 @@ from vitlora.compare import (
 )
 from vitlora.compare import report as compare_report
 from vitlora.compare.config import check_same_setup, expand_grid, parse_grid_option, swept_options
-from vitlora.compare.reading import standard_error
+from vitlora.compare.reading import standard_error, standings
 from vitlora.compare.result import combine_runs
 from vitlora.compare.runner import visible_gpus
 from vitlora.training.module import ImageClassifier
@@ -673,12 +673,13 @@ def test_weakest_classes_of_the_best_method_with_every_method_on_them(tmp_path):
         "best", prediction_files=predictions("b", enumerate(zip(labels, best_pred, strict=True))), class_names=names
     )
     other = MethodResult("other", prediction_files=predictions("o", enumerate(zip(labels, other_pred, strict=True))))
-    unscored = MethodResult("unscored")
-    lines = list(compare_report.weakest_classes([best, other, unscored], "best", count=2))
+    unscored = MethodResult("unscored", val={"top1": 0.5}, val_images=10)
+    lines = list(compare_report.weakest_classes([best, other, unscored], standings([best, other, unscored]), count=2))
     assert lines[0] == "## Weakest classes of best"
     assert lines[2] == "| class | images | best (%) | other (%) |"
     assert lines[4:6] == ["| banana | 4 | 50.0 | 100.0 |", "| cherry | 2 | 50.0 | 100.0 |"]
-    assert list(compare_report.weakest_classes([best, other], "unscored")) == []
+    unscored_best = MethodResult("unscored", val={"top1": 0.9}, val_images=10)  # the most accurate, no predictions
+    assert list(compare_report.weakest_classes([best, other], standings([best, other, unscored_best]))) == []
 
 
 def test_a_pick_between_variants_of_one_method_names_what_they_share_not_a_fake_cost():

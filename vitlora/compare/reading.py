@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
-from vitlora.compare.paired import PairedComparison, paired_comparison, read_correct
+from vitlora.compare.paired import PairedComparison, paired_comparison, read_predictions
 from vitlora.compare.result import MethodResult, megabytes, trainable_text
 
 NOISY_INTERVAL = 0.05  # a close call whose 95% interval is wider than 5 points: the reading asks for more images
@@ -15,12 +16,19 @@ SIGNIFICANCE = 0.05  # McNemar p below this: a real gap
 
 @dataclass(frozen=True)
 class Standing:
-    """A finished method's val top-1 on the images it was scored on, with its per-image correctness if known."""
+    """A finished method's val top-1 on the images it was scored on, with its per-image predictions if known."""
 
     result: MethodResult
     top1: float
     images: int
-    correct: dict[str, bool] | None  # image path -> right, from its prediction files (pooled over folds)
+    predictions: dict[str, tuple[int, int]] | None  # image path -> (label, predicted), pooled over folds
+
+    @cached_property
+    def correct(self) -> dict[str, bool] | None:
+        """image path -> right, for paired statistics."""
+        if self.predictions is None:
+            return None
+        return {path: label == predicted for path, (label, predicted) in self.predictions.items()}
 
 
 def standings(results: Sequence[MethodResult]) -> list[Standing]:
@@ -36,13 +44,14 @@ def standings(results: Sequence[MethodResult]) -> list[Standing]:
         A Standing per finished method with a val score.
 
     Raises:
-        ValueError: a prediction file is unreadable or malformed (see read_correct).
+        ValueError: a prediction file is unreadable or malformed (see read_predictions).
     """
     found = []
     for result in results:
-        correct = read_correct(result.prediction_files) if result.ok and result.prediction_files else None
-        if correct:
-            found.append(Standing(result, sum(correct.values()) / len(correct), len(correct), correct))
+        predictions = read_predictions(result.prediction_files) if result.ok and result.prediction_files else None
+        if predictions:
+            right = sum(label == predicted for label, predicted in predictions.values())
+            found.append(Standing(result, right / len(predictions), len(predictions), predictions))
         elif result.ok and "top1" in result.val:
             found.append(Standing(result, result.val["top1"], result.val_images, None))
     return sorted(found, key=lambda s: (-s.top1, s.result.trainable))
@@ -72,7 +81,12 @@ def standard_error(accuracy: float, images: int) -> float:
     return math.sqrt(adjusted * (1 - adjusted) / (images + 4))
 
 
-def comparison_reading(results: Sequence[MethodResult]) -> list[str]:
+def comparison_reading(
+    results: Sequence[MethodResult],
+    *,
+    ranked: Sequence[Standing] | None = None,
+    pairs: Mapping[str, PairedComparison] | None = None,
+) -> list[str]:
     """Plain-language conclusions from the numbers: which method to pick and why.
 
     Methods with per-image predictions are compared with the most accurate image by image: a gap is
@@ -83,6 +97,9 @@ def comparison_reading(results: Sequence[MethodResult]) -> list[str]:
 
     Args:
         results: the methods of a comparison, failed ones included.
+        ranked: standings(results), when the caller has them already (the report does), so that
+            the prediction files are read once.
+        pairs: paired_with_best(ranked), likewise.
 
     Returns:
         The reading, one sentence or short paragraph per line.
@@ -90,12 +107,12 @@ def comparison_reading(results: Sequence[MethodResult]) -> list[str]:
     Raises:
         ValueError: a prediction file is unreadable or malformed.
     """
-    ranked = standings(results)
+    ranked = standings(results) if ranked is None else ranked
     failed = [r.name for r in results if not r.ok]
     failures = [f"Not compared: {', '.join(failed)} failed (see Failures)."] if failed else []
     if not ranked:
         return ["No method finished, so there is nothing to compare.", *failures]
-    best, pairs = ranked[0], paired_with_best(ranked)
+    best, pairs = ranked[0], paired_with_best(ranked) if pairs is None else pairs
     folds = len(best.result.prediction_files)
     pooled = f" pooled over {folds} folds" if best.correct and folds > 1 else ""
     lines = [

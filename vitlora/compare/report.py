@@ -16,17 +16,17 @@ from PIL import Image
 
 from vitlora._version import __version__
 from vitlora.charts import bar_chart, line_chart, scatter_chart
-from vitlora.compare.paired import BOOTSTRAP_ROUNDS, PairedComparison, read_predictions
-from vitlora.compare.reading import comparison_reading, paired_with_best, standings
+from vitlora.compare.paired import BOOTSTRAP_ROUNDS, PairedComparison
+from vitlora.compare.reading import Standing, comparison_reading, paired_with_best, standings
 from vitlora.compare.result import MethodResult, megabytes
 from vitlora.files import atomic_write
 
 
 def write_report(output: Path, results: Sequence[MethodResult], settings: Mapping[str, Any]) -> None:
     """report.md, report.json and the charts, each written atomically."""
-    reading = comparison_reading(results)
-    ranked = standings(results)
+    ranked = standings(results)  # reads the prediction files once, for the reading and the tables
     best, pairs = (ranked[0].result.name if ranked else ""), paired_with_best(ranked)
+    reading = comparison_reading(results, ranked=ranked, pairs=pairs)
     environment = {"machine": machine_summary(results), "versions": versions()}
     for name, image in report_charts(results).items():
         with atomic_write(output / name) as tmp:
@@ -36,7 +36,7 @@ def write_report(output: Path, results: Sequence[MethodResult], settings: Mappin
     with atomic_write(output / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     with atomic_write(output / "report.md") as tmp:
-        tmp.write_text("\n".join(_markdown(output, results, settings, environment, reading, best, pairs)) + "\n")
+        tmp.write_text("\n".join(_markdown(output, results, settings, environment, reading, ranked, pairs)) + "\n")
 
 
 def report_charts(results: Sequence[MethodResult]) -> dict[str, Image.Image]:
@@ -68,7 +68,7 @@ def _markdown(
     settings: Mapping[str, Any],
     environment: Mapping[str, Any],
     reading: list[str],
-    best: str,
+    ranked: Sequence[Standing],
     pairs: Mapping[str, PairedComparison],
 ) -> Iterator[str]:
     done = [r for r in results if r.ok]
@@ -118,8 +118,8 @@ def _markdown(
         yield f"Scores in %, on {' / '.join(sorted(images))} images, for the weights at the end of training."
     if pairs:
         yield ""
-        yield from _paired_table(best, pairs)
-    weakest = list(weakest_classes(results, best))
+        yield from _paired_table(ranked[0].result.name, pairs)
+    weakest = list(weakest_classes(results, ranked))
     if weakest:
         yield ""
         yield from weakest
@@ -179,16 +179,23 @@ def _markdown(
     yield "- versions: " + ", ".join(f"{name} {version}" for name, version in environment["versions"].items())
 
 
-def weakest_classes(results: Sequence[MethodResult], best: str, count: int = 10) -> Iterator[str]:
+def weakest_classes(results: Sequence[MethodResult], ranked: Sequence[Standing], count: int = 10) -> Iterator[str]:
     """The ``count`` classes the most accurate method gets wrong most often, with every method's accuracy on them.
 
-    Per-class accuracies come from the prediction files (pooled over folds); methods without them
-    are left out, and nothing is written when the most accurate method has none."""
-    scored = {r.name: r for r in results if r.ok and r.prediction_files}
-    if best not in scored:
+    Args:
+        results: the methods, in the order of the report's columns.
+        ranked: standings(results), most accurate first; methods without per-image predictions are left out.
+        count: how many classes.
+
+    Returns:
+        The report.md lines, none when the most accurate method has no per-image predictions.
+    """
+    if not ranked or ranked[0].predictions is None:
         return
-    per_class = {name: _class_accuracy(read_predictions(r.prediction_files)) for name, r in scored.items()}
-    names = scored[best].class_names
+    scored = {s.result.name: s.predictions for s in ranked if s.predictions is not None}
+    per_class = {r.name: _class_accuracy(scored[r.name]) for r in results if r.name in scored}
+    best = ranked[0].result.name
+    names = ranked[0].result.class_names
     worst = sorted(per_class[best], key=lambda label: (per_class[best][label][0], label))[:count]
     yield f"## Weakest classes of {best}"
     yield ""
