@@ -6,6 +6,7 @@ backbone and hands them to the trainer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +35,7 @@ from vitlora.datasets import (
     stratified_folds,
     stratified_split,
 )
+from vitlora.folds import appearance_folds, cached_features, image_features
 
 GROCERY_ROOT = "data/grocery-store"  # the one folder ``download`` fills: a mistyped root is an error, not a download
 
@@ -61,6 +63,7 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         folds: int = 0,
         fold: int = 0,
+        fold_by: Literal["random", "appearance"] = "random",
         scale: tuple[float, float] = (0.08, 1.0),
         hflip: float = 0.5,
         auto_augment: str | None = "rand-m9-mstd0.5-inc1",
@@ -74,6 +77,8 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = False,
         seed: int = 0,
         predict_paths: list[str] | None = None,
+        weights: str | None = None,
+        pretrained: bool = True,
     ) -> None:
         """
         Args:
@@ -94,6 +99,10 @@ class ImageDataModule(L.LightningDataModule):
                 into K stratified folds (seeded); fold ``fold`` is val, the others train. The test
                 split is untouched.
             fold: Which fold is val, 0..folds-1.
+            fold_by: random deals each class's images at random; appearance clusters each class
+                by the pretrained backbone's features and makes each cluster a fold, so look-alike
+                photos (one shelf, one visit) never sit on both sides: closer to a test split shot
+                on other days. The features are cached (``$VITLORA_CACHE``, else ~/.cache/vitlora).
             scale: Area range of the random-resized crop, as fractions of the image.
             hflip: Probability of a horizontal flip.
             auto_augment: timm auto-augment string (e.g. rand-m9-mstd0.5-inc1), trivial, or null for none.
@@ -108,6 +117,8 @@ class ImageDataModule(L.LightningDataModule):
                 data/grocery-store, so a mistyped root is an error, never a download.
             seed: Set from seed_everything: the val split, shuffles and augmentations.
             predict_paths: Image files or folders for predict (default: the test split, else val).
+            weights: Set from model.weights: the backbone weights appearance folds see with.
+            pretrained: Set from model.pretrained (False: a seeded random backbone sorts the folds).
         """
         super().__init__()
         if folds and not (folds >= 2 and 0 <= fold < folds):
@@ -132,11 +143,17 @@ class ImageDataModule(L.LightningDataModule):
             manifest = Path(self.hparams.manifest) if self.hparams.manifest else None
             self._index = read_dataset(self.root, self.hparams.layout, manifest, self.hparams.label_level)
             if self.hparams.folds:
+                by_appearance = self.hparams.fold_by == "appearance"
                 self._index.splits |= cross_validation_split(
-                    self._index, self.hparams.folds, self.hparams.fold, self.hparams.seed
+                    self._index,
+                    self.hparams.folds,
+                    self.hparams.fold,
+                    self.hparams.seed,
+                    self._appearance_features if by_appearance else None,
                 )
                 self._index.layout += (
-                    f", fold {self.hparams.fold + 1} of {self.hparams.folds} as val (train+val pooled)"
+                    f", fold {self.hparams.fold + 1} of {self.hparams.folds} as val "
+                    f"(train+val pooled, {'look-alikes kept together' if by_appearance else 'random'})"
                 )
             elif "train" in self._index.splits and "val" not in self._index.splits and self.hparams.val_fraction > 0:
                 self._index.splits["train"], self._index.splits["val"] = stratified_split(
@@ -252,6 +269,28 @@ class ImageDataModule(L.LightningDataModule):
         """The images predicted, in loader order (unusable ones already skipped)."""
         return self._datasets["predict"].samples
 
+    def _appearance_features(self, samples: list[Sample]) -> torch.Tensor:
+        """The pretrained backbone's features of ``samples`` at its own resolution, cached.
+
+        Its own resolution, not ``img_size``: the folds must not change with the lever being compared.
+        """
+        hp = self.hparams
+        weights = Path(hp.weights) if hp.weights else None
+        source = f"{weights.resolve()}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}" if weights else ""
+        random_init = not (weights or hp.pretrained)
+        key = ("appearance-folds-1", hp.backbone, source, f"random seed {hp.seed}" if random_init else "pretrained")
+
+        def compute() -> torch.Tensor:
+            from vitlora.backbone import create_backbone
+
+            with torch.random.fork_rng():
+                torch.manual_seed(hp.seed)  # a random backbone (pretrained off) sorts the same way every run
+                model = create_backbone(hp.backbone, 0, weights=weights, pretrained=hp.pretrained)
+            dataset = ImageDataset(samples, eval_transform(hp.backbone))
+            return image_features(model, dataset, hp.eval_batch_size or hp.batch_size, hp.num_workers)
+
+        return cached_features(key, samples, compute)
+
     def _predict_samples(self) -> list[Sample]:
         """``predict_paths`` (files or folders, label -1), else the test split, else val."""
         if not self.hparams.predict_paths:
@@ -267,14 +306,28 @@ class ImageDataModule(L.LightningDataModule):
         return self.mixup_fn(images, targets)
 
 
-def cross_validation_split(index: DatasetIndex, folds: int, fold: int, seed: int) -> dict[str, list[Sample]]:
-    """train and val for one fold of K-fold cross-validation over the pooled train and val splits."""
+def cross_validation_split(
+    index: DatasetIndex,
+    folds: int,
+    fold: int,
+    seed: int,
+    features: Callable[[list[Sample]], torch.Tensor] | None = None,
+) -> dict[str, list[Sample]]:
+    """train and val for one fold of K-fold cross-validation over the pooled train and val splits.
+
+    With ``features`` (one row per image) look-alike images share a fold (appearance_folds);
+    without, each class is dealt at random (stratified_folds).
+    """
     pooled = index.splits.get("train", []) + index.splits.get("val", [])
     if len(pooled) < folds:
         raise DatasetError(
             f"{folds}-fold cross-validation needs at least {folds} train+val images, found {len(pooled)}."
         )
-    dealt = stratified_folds(pooled, folds, seed)
+    if features is None:
+        dealt = stratified_folds(pooled, folds, seed)
+    else:
+        fold_of = appearance_folds(features(pooled), [label for _, label in pooled], folds, seed)
+        dealt = [[sample for sample, k in zip(pooled, fold_of, strict=True) if k == part] for part in range(folds)]
     return {"train": [s for k, part in enumerate(dealt) if k != fold for s in part], "val": dealt[fold]}
 
 

@@ -26,6 +26,8 @@ class VitloraCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.img_size", "data.img_size")
+        parser.link_arguments("model.weights", "data.weights")
+        parser.link_arguments("model.pretrained", "data.pretrained")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.fine_to_coarse", "model.fine_to_coarse", apply_on="instantiate")
         parser.link_arguments("data.coarse_class_names", "model.coarse_class_names", apply_on="instantiate")
