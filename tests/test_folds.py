@@ -96,6 +96,7 @@ def test_cached_features_are_computed_once_and_again_when_an_image_changes(tmp_p
 def test_the_data_module_deals_appearance_folds_from_cached_backbone_features(tmp_path, monkeypatch):
     monkeypatch.setenv("VITLORA_CACHE", str(tmp_path / "cache"))
     root = make_image_folder(tmp_path / "data", per_split={"train": 7, "val": 2, "test": 2})
+    (root / "train" / "apple" / "apple_6.png").write_bytes(b"not an image")  # skipped at set-up, as ever
 
     def module(fold: int) -> ImageDataModule:
         return ImageDataModule(
@@ -108,6 +109,10 @@ def test_the_data_module_deals_appearance_folds_from_cached_backbone_features(tm
     assert sorted(s for split in splits for s in split["val"]) == pooled  # each image val exactly once
     assert all(not set(split["train"]) & set(split["val"]) for split in splits)
     assert "look-alikes kept together" in module(0).index.layout
+    with pytest.warns(UserWarning, match="apple_6.png"):
+        data = module(next(k for k in range(3) if any(p.name == "apple_6.png" for p, _ in splits[k]["train"])))
+        data.setup("fit")
+    assert data.skipped == {"train": 1, "val": 0}
     cache = list((tmp_path / "cache" / "fold-features").iterdir())
     assert len(cache) == 1  # three folds, one embedding of the images
     features = read_state_dict(cache[0])["features"]

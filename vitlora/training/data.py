@@ -36,6 +36,7 @@ from vitlora.datasets import (
     stratified_split,
 )
 from vitlora.folds import appearance_folds, cached_features, image_features
+from vitlora.images import BadImage
 
 GROCERY_ROOT = "data/grocery-store"  # the one folder ``download`` fills: a mistyped root is an error, not a download
 
@@ -149,7 +150,7 @@ class ImageDataModule(L.LightningDataModule):
                     self.hparams.folds,
                     self.hparams.fold,
                     self.hparams.seed,
-                    self._appearance_features if by_appearance else None,
+                    self.appearance_features if by_appearance else None,
                 )
                 self._index.layout += (
                     f", fold {self.hparams.fold + 1} of {self.hparams.folds} as val "
@@ -269,7 +270,7 @@ class ImageDataModule(L.LightningDataModule):
         """The images predicted, in loader order (unusable ones already skipped)."""
         return self._datasets["predict"].samples
 
-    def _appearance_features(self, samples: list[Sample]) -> torch.Tensor:
+    def appearance_features(self, samples: list[Sample]) -> torch.Tensor:
         """The pretrained backbone's features of ``samples`` at its own resolution, cached.
 
         Its own resolution, not ``img_size``: the folds must not change with the lever being compared.
@@ -286,7 +287,8 @@ class ImageDataModule(L.LightningDataModule):
             with torch.random.fork_rng():
                 torch.manual_seed(hp.seed)  # a random backbone (pretrained off) sorts the same way every run
                 model = create_backbone(hp.backbone, 0, weights=weights, pretrained=hp.pretrained)
-            dataset = ImageDataset(samples, eval_transform(hp.backbone))
+            blank = torch.zeros(backbone_data_config(hp.backbone)["input_size"])
+            dataset = BlankIfUnusable(ImageDataset(samples, eval_transform(hp.backbone)), blank)
             return image_features(model, dataset, hp.eval_batch_size or hp.batch_size, hp.num_workers)
 
         return cached_features(key, samples, compute)
@@ -304,6 +306,22 @@ class ImageDataModule(L.LightningDataModule):
         images, targets = batch
         np.random.seed((self.hparams.seed * 1_000_003 + batches_seen(self.trainer)) % 2**32)
         return self.mixup_fn(images, targets)
+
+
+class BlankIfUnusable(Dataset):
+    """An image that cannot be decoded becomes ``blank``: set-up skips it later, with its usual warning."""
+
+    def __init__(self, images: ImageDataset, blank: torch.Tensor) -> None:
+        self.images, self.blank = images, blank
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        try:
+            return self.images[index]
+        except BadImage:
+            return self.blank, -1
 
 
 def cross_validation_split(
