@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import platform
 import signal
@@ -140,10 +141,10 @@ def bench_servers(args: argparse.Namespace, folder: Path, adapters: list[Path], 
         for process, _ in servers.values():
             process.send_signal(signal.SIGINT)
         for process, _ in servers.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=30)
-            except subprocess.TimeoutExpired:  # its workers too: the server leads its own process group
-                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # its workers too, even after a clean exit
+                os.killpg(process.pid, signal.SIGKILL)  # the server leads its own process group
 
 
 def bench_in_process(args: argparse.Namespace, adapters: list[Path]) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """`vitlora serve`: a real server on 127.0.0.1 (tiny adapters on one tiny base), a real HTTP client, a real browser."""
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -167,7 +168,10 @@ def server(workspace):
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     log = open(workspace / "server.log", "w+")  # noqa: SIM115
-    process = subprocess.Popen(command, cwd=workspace, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # its own process group, so teardown also stops the LitServe workers it spawns
+    process = subprocess.Popen(
+        command, cwd=workspace, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300  # two interpreters import torch: ~30 s, minutes on a loaded machine
     while True:
@@ -177,17 +181,22 @@ def server(workspace):
         except requests.ConnectionError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
+            kill_group(process)
             log.seek(0)
             pytest.fail(f"the server did not start:\n{log.read()}")
         time.sleep(0.2)
     yield url
     process.send_signal(signal.SIGINT)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    kill_group(process)  # a slow shutdown or an orphaned worker must not outlive the tests
     log.close()
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the whole group may have exited already
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def predict(url: str, name: str, path: Path, top_k: int = 3) -> requests.Response:
