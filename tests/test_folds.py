@@ -109,7 +109,9 @@ def test_the_data_module_deals_appearance_folds_from_cached_backbone_features(tm
     assert sorted(s for split in splits for s in split["val"]) == pooled  # each image val exactly once
     assert all(not set(split["train"]) & set(split["val"]) for split in splits)
     assert "look-alikes kept together" in module(0).index.layout
-    with pytest.warns(UserWarning, match="apple_6.png"):
+    with pytest.raises(ValueError, match=r"set data\.folds too"):
+        ImageDataModule(str(root), fold_by="appearance")
+    with pytest.warns(UserWarning, match=r"apple_6\.png"):
         data = module(next(k for k in range(3) if any(p.name == "apple_6.png" for p, _ in splits[k]["train"])))
         data.setup("fit")
     assert data.skipped == {"train": 1, "val": 0}

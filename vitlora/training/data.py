@@ -124,6 +124,8 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if folds and not (folds >= 2 and 0 <= fold < folds):
             raise ValueError(f"data.fold must be 0..{folds - 1} and data.folds at least 2, got fold {fold} of {folds}.")
+        if fold_by != "random" and not folds:
+            raise ValueError(f"data.fold_by {fold_by} chooses how cross-validation folds are made: set data.folds too.")
         if (mixup > 0 or cutmix > 0) and batch_size % 2:
             raise ValueError(f"mixup/cutmix pair images within a batch: batch_size must be even, got {batch_size}.")
         self.save_hyperparameters()
