@@ -27,6 +27,7 @@ from torch import nn
 
 from vitlora.adapter import AdapterError
 from vitlora.backbone import WeightsUnavailable
+from vitlora.compare.result import PREDICTIONS_FILE
 from vitlora.files import atomic_write
 from vitlora.lora import lora_modules, merge_lora, remove_lora
 from vitlora.prompts import prompt_config, remove_prompt_tokens
@@ -34,7 +35,6 @@ from vitlora.trainable import count_parameters
 from vitlora.training.export import export_adapter
 from vitlora.training.lightning_cli import build_cli
 
-PREDICTIONS_FILE = "{split}_predictions.csv"
 WARMUP_STEPS = 5
 WARMUP_ROUNDS = 2
 

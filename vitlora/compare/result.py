@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+PREDICTIONS_FILE = "{split}_predictions.csv"  # path,label,predicted per image, beside measurements.json
 COST_FIELDS = ("step_time_s", "images_per_s", "peak_memory_mb", "checkpoint_bytes", "adapter_bytes", "steps")
 TOTAL_FIELDS = ("val_images", "fit_s", "wall_s")  # fold runs score disjoint images and take their own time
 SHARED_FIELDS = (  # the same in every fold run (else left at the default): what was trained, on what

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from vitlora.compare.config import Budget, MethodSpec, check_same_setup, swept_options
 from vitlora.compare.report import write_report
-from vitlora.compare.result import MethodResult, combine_runs
+from vitlora.compare.result import PREDICTIONS_FILE, MethodResult, combine_runs
 from vitlora.files import atomic_write
 
 RESULT_FILE = "measurements.json"
@@ -313,7 +313,7 @@ def read_run(run: PlannedRun) -> MethodResult:
     """A finished run's result from its measurements.json, with the wall time and command the runner recorded
     there (a run started by hand has neither: no wall time, the command as this comparison would give it)."""
     path = run.run_dir / RESULT_FILE
-    predictions = run.run_dir / "val_predictions.csv"
+    predictions = run.run_dir / PREDICTIONS_FILE.format(split="val")
     fields = _described(run, fit_command_line(run.fit_args)) | _read_json(path)
     try:
         return MethodResult(**fields, prediction_files=[str(predictions)] if predictions.is_file() else [])
