@@ -28,8 +28,9 @@ from vitlora.training.module import ImageClassifier
 def fold_correctness(run: Path, modes: tuple[str, ...]) -> tuple[dict[str, dict[str, bool]], str, float]:
     """Per mode, image path -> right for the val images of this fold run; the run's own mode; seconds per mode."""
     config = yaml.safe_load((run / "config.yaml").read_text())
-    data_args = {k: v for k, v in config["data"].items() if k not in ("class_names",)}
-    data = ImageDataModule(**data_args)
+    model = config["model"]  # the options vitlora fit links from the model (config.yaml leaves them out of data)
+    linked = {key: model[key] for key in ("backbone", "img_size", "weights", "pretrained")}
+    data = ImageDataModule(**config["data"], **linked, seed=config["seed_everything"])
     data.setup("validate")
     module = ImageClassifier.load_from_checkpoint(
         run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True

@@ -4,7 +4,7 @@ Product photos come in bursts: one shelf, one visit, a dozen shots. Random folds
 near-twins on both sides of a split, so cross-validation scores what the model has almost seen
 (on Grocery Store: 98.3% in random 3-fold CV, 93.7% on the test split shot on other visits).
 ``appearance_folds`` clusters each class by what a pretrained backbone sees and makes every
-cluster one fold, so a fold's photos are as far from the rest as a new visit's are.
+cluster one fold, so a held-out photo is nearly as new to the model as one from another visit.
 """
 
 from __future__ import annotations
