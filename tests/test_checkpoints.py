@@ -76,6 +76,15 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_uninterrupted_adap
     torch.testing.assert_close(adapters[name].tensors, adapters["whole"].tensors, atol=1e-6, rtol=0)
 
 
+def test_last_checkpoint_holds_the_final_step_when_the_last_validation_did_not_improve(workspace):
+    """Steps saved every 5 (5, 10) and on epoch 0's better val (6); with lr 0 epoch 1's val is no
+    better, so Lightning alone leaves last.ckpt at step 10 of 12."""
+    main(fit(workspace, "no_gain", "--checkpoint_every_n_steps", "5", "--model.lr", "0"))
+    folder = last_checkpoint(workspace, "no_gain").parent
+    assert sorted(path.name for path in folder.iterdir()) == ["best-epoch=0-step=6.ckpt", "last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
 def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()

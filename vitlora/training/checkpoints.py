@@ -36,6 +36,25 @@ def step_checkpoint(every_n_steps: int) -> ModelCheckpoint:
     )
 
 
+class LastCheckpointAtEnd(Callback):
+    """``last.ckpt`` holds the final weights when fit ends.
+
+    Lightning refreshes ``last.ckpt`` only in a step where a checkpoint is saved (a better val
+    score, or every N steps): a run whose last validation did not improve ended with a
+    ``last.ckpt`` some steps old, so exporting it did not give the trained adapter.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        keepers = [callback for callback in trainer.checkpoint_callbacks if callback.save_last]
+        if not keepers or max(c._last_global_step_saved for c in keepers) == trainer.global_step:
+            return
+        keeper = keepers[0]
+        path = keeper.last_model_path or keeper.format_checkpoint_name({}, keeper.CHECKPOINT_NAME_LAST)
+        trainer.save_checkpoint(path)
+        for callback in keepers:  # they share one last.ckpt (no version counter)
+            callback.last_model_path = path
+
+
 class ResumeInsideEpoch(Callback):
     """Continues a run resumed from a checkpoint saved inside an epoch with the very next batch.
 

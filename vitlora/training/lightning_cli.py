@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from vitlora.training.checkpoints import AtomicCheckpointIO, ResumeInsideEpoch, step_checkpoint
+from vitlora.training.checkpoints import AtomicCheckpointIO, LastCheckpointAtEnd, ResumeInsideEpoch, step_checkpoint
 from vitlora.training.data import ImageDataModule
 from vitlora.training.logging import place_run_logger
 from vitlora.training.module import ImageClassifier
@@ -99,6 +99,7 @@ def trainer_defaults() -> dict:
             LearningRateMonitor(logging_interval="step"),
             PredictionWriter(),
             ResumeInsideEpoch(),
+            LastCheckpointAtEnd(),
             RunSummary(),
         ],
         "log_every_n_steps": 10,
