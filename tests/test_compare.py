@@ -361,7 +361,7 @@ def test_folds_run_in_their_own_folders_each_holding_out_its_fold(cross_validate
         run_dir = output / "runs" / "lora" / f"fold{fold}"
         for name in ("measurements.json", "val_predictions.csv", "train.log", "checkpoints/last.ckpt"):
             assert (run_dir / name).is_file(), name
-        assert f"fold {fold + 1} of 2 as val (train+val pooled)" in (run_dir / "train.log").read_text()
+        assert f"fold {fold + 1} of 2 as val (train+val pooled, random)" in (run_dir / "train.log").read_text()
     assert sorted(p.name for p in (output / "runs" / "lora").iterdir()) == ["fold0", "fold1"]
     assert json.loads((output / "comparison.json").read_text())["folds"] == 2
     assert first["folds"] == 2
