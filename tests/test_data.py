@@ -6,7 +6,14 @@ import torch
 from conftest import SHARED, make_grocery_folder, make_image_folder
 from PIL import Image
 
-from vitlora.datasets import DatasetError, EpochShuffler, read_dataset, stratified_folds
+from vitlora.datasets import (
+    DatasetError,
+    EpochShuffler,
+    ImageDataset,
+    class_balanced_weights,
+    read_dataset,
+    stratified_folds,
+)
 from vitlora.training.data import ImageDataModule
 
 GROCERY = SHARED / "data" / "grocery-store"
@@ -213,6 +220,69 @@ def test_ranks_share_one_order_so_a_global_batch_is_what_one_process_draws(size)
     for sampler in ranks:
         sampler.set_epoch(1)
     assert [list(s) for s in ranks] != shares and all(epoch == 1 for s in ranks for _, epoch in s)
+
+
+def test_class_balanced_weights_give_each_class_the_mass_the_power_asks_for():
+    labels = [0] * 8 + [1] * 2
+    mass = lambda w: [w[:8].sum().item(), w[8:].sum().item()]  # noqa: E731
+    assert mass(class_balanced_weights(labels, 0.0)) == [8.0, 2.0]
+    assert mass(class_balanced_weights(labels, 1.0)) == pytest.approx([1.0, 1.0])
+    assert mass(class_balanced_weights(labels, 0.5)) == pytest.approx([8 / 8**0.5, 2 / 2**0.5])
+
+
+def test_a_weighted_epoch_draws_rare_classes_as_often_seeded_and_resumable():
+    labels = [0] * 900 + [1] * 100
+    sampler = EpochShuffler(len(labels), seed=1, weights=class_balanced_weights(labels, 1.0))
+    keys = list(sampler)
+    assert len(keys) == len(sampler) == 1000 and keys == list(sampler)  # one draw per image, seeded
+    rare = sum(labels[key[0]] for key in keys) / len(keys)
+    assert 0.44 < rare < 0.56  # 10% of the images, half of the draws
+    assert len({key for key in keys}) == len(keys)  # a repeat is keyed apart, so it is augmented anew
+    assert max(key[2] for key in keys if len(key) == 3) >= 5  # the rare images come back many times
+    sampler.resume(0, 300)
+    assert list(sampler) == keys[300:]
+    sampler.set_epoch(1)
+    assert list(sampler) != keys
+    with pytest.raises(ValueError, match="one weight per image"):
+        EpochShuffler(3, seed=0, weights=torch.ones(4))
+
+
+def test_ranks_split_one_weighted_order():
+    weights = class_balanced_weights([0] * 9 + [1] * 2, 1.0)
+    single = list(EpochShuffler(11, seed=2, weights=weights))
+    shares = [list(EpochShuffler(11, seed=2, num_replicas=2, rank=r, weights=weights)) for r in (0, 1)]
+    assert shares[0] == single[0::2] and shares[1] == single[1::2] + single[:1]
+
+
+def test_an_image_drawn_again_gets_another_augmentation_and_the_same_one_every_run(tmp_path):
+    make_image_folder(tmp_path)
+    data = module(tmp_path)
+    data.setup("fit")
+    train = data._datasets["train"]
+    again = ImageDataset(train.samples, train.transform, seed=data.hparams.seed)
+    assert torch.equal(train[(0, 0)][0], again[(0, 0)][0])
+    assert torch.equal(train[(0, 0, 1)][0], again[(0, 0, 1)][0])
+    assert not torch.equal(train[(0, 0)][0], train[(0, 0, 1)][0])
+
+
+def test_class_balance_reaches_the_training_sampler_only(tmp_path):
+    make_image_folder(tmp_path, per_split={"train": 2, "val": 2})
+    make_image_folder(tmp_path, classes=("apple",), per_split={"train": 10})  # 10 apples, 2 bananas, 2 cherries
+    data = module(tmp_path, class_balance=1.0)
+    data.setup("fit")
+    weights = data.train_dataloader().sampler.weights
+    names = [data.class_names[label] for _, label in data.split_samples("train")]
+    assert {name: round(weights[[n == name for n in names]].sum().item(), 6) for name in set(names)} == {
+        "apple": 1.0,
+        "banana": 1.0,
+        "cherry": 1.0,
+    }
+    assert not hasattr(data.val_dataloader().sampler, "weights")  # every val image once, in order
+    unbalanced = module(tmp_path)
+    unbalanced.setup("fit")
+    assert unbalanced.train_dataloader().sampler.weights is None
+    with pytest.raises(ValueError, match="class_balance must be in"):
+        module(tmp_path, class_balance=1.5)
 
 
 def fake_trainer(training=True, batches=3):

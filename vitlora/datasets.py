@@ -366,7 +366,8 @@ def check_images(samples: Sequence[Sample], fail_fast: bool = False, workers: in
 class ImageDataset(Dataset):
     """Decoded, transformed images. With a seed, item ``(index, epoch)`` draws its random
     augmentation from a generator seeded by ``(seed, epoch, index)``: the same every run,
-    whatever the worker count or a resume."""
+    whatever the worker count or a resume. Item ``(index, epoch, repeat)``, an image drawn again
+    in one epoch, gets another augmentation."""
 
     def __init__(self, samples: Sequence[Sample], transform, seed: int | None = None) -> None:
         self.samples = list(samples)
@@ -376,12 +377,12 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+    def __getitem__(self, key: int | tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        index, epoch, *repeat = key if isinstance(key, tuple) else (key, 0)
         path, label = self.samples[index]
         image = load_rgb(path)
         if self.seed is not None:
-            seed = hash((self.seed, epoch, index)) & 0x7FFFFFFF
+            seed = hash((self.seed, epoch, index, *repeat)) & 0x7FFFFFFF
             random.seed(seed)
             np.random.seed(seed)
             torch.manual_seed(seed)
@@ -395,10 +396,18 @@ class EpochShuffler(DistributedSampler):
     (padded by repeats to equal shares), so the ranks' batches at one step hold exactly the
     images one process would draw with their combined batch size. Being a DistributedSampler,
     Lightning keeps it rather than wrapping it in a second shuffle; it calls ``set_epoch`` on
-    it each epoch."""
+    it each epoch. With ``weights`` an epoch is ``size`` draws with replacement, each image in
+    proportion to its weight (:func:`class_balanced_weights`), seeded the same way."""
 
-    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self, size: int, seed: int, num_replicas: int = 1, rank: int = 0, weights: torch.Tensor | None = None
+    ) -> None:
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        if weights is not None and weights.shape != (size,):
+            raise ValueError(
+                f"EpochShuffler: one weight per image, {size} images but weights of shape {tuple(weights.shape)}."
+            )
+        self.weights = weights
         self.resumed_at: tuple[int, int] | None = None
 
     def resume(self, epoch: int, samples_done: int) -> None:
@@ -408,15 +417,30 @@ class EpochShuffler(DistributedSampler):
         self.set_epoch(epoch)
         self.resumed_at = (epoch, samples_done)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        padding = self.total_size - len(order)
-        order += (order * math.ceil(padding / len(order)))[:padding]
-        share = order[self.rank :: self.num_replicas]
+        if self.weights is None:
+            order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        else:
+            order = torch.multinomial(self.weights, len(self.dataset), replacement=True, generator=generator).tolist()
+        drawn: dict[int, int] = {}  # an image drawn again this epoch is keyed by its repeat: another augmentation
+        keys = []
+        for i in order:
+            repeat = drawn[i] = drawn.get(i, -1) + 1
+            keys.append((i, self.epoch, repeat) if repeat else (i, self.epoch))
+        padding = self.total_size - len(keys)
+        keys += (keys * math.ceil(padding / len(keys)))[:padding]
+        share = keys[self.rank :: self.num_replicas]
         if self.resumed_at is not None and self.resumed_at[0] == self.epoch:
             share = share[self.resumed_at[1] :]
-        return iter([(i, self.epoch) for i in share])
+        return iter(share)
+
+
+def class_balanced_weights(labels: Sequence[int], power: float) -> torch.Tensor:
+    """A sampling weight per image, ``(images of its class) ** -power``: 0 draws as the data come,
+    1 draws every class equally often, 0.5 (square-root balancing) lifts rare classes halfway."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    return torch.bincount(labels).double()[labels] ** -power
 
 
 class UnpaddedShard(DistributedSampler):

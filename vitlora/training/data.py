@@ -29,6 +29,7 @@ from vitlora.datasets import (
     allow_zero_bit_posterize,
     backbone_data_config,
     check_images,
+    class_balanced_weights,
     eval_transform,
     expand_image_paths,
     read_dataset,
@@ -73,6 +74,7 @@ class ImageDataModule(L.LightningDataModule):
         mixup: float = 0.0,
         cutmix: float = 0.0,
         mixup_prob: float = 1.0,
+        class_balance: float = 0.0,
         check_images: bool = True,
         fail_on_bad_images: bool = False,
         download: bool = False,
@@ -112,6 +114,10 @@ class ImageDataModule(L.LightningDataModule):
             mixup: Mixup alpha (0 turns it off).
             cutmix: CutMix alpha (0 turns it off).
             mixup_prob: Probability of mixing a batch when mixup or cutmix is on.
+            class_balance: How often training draws rare classes: each image with probability
+                proportional to (images of its class) ** -class_balance, so 0 draws as the data come,
+                1 every class equally often, 0.5 in between. An epoch stays one draw per
+                training image (with replacement when above 0).
             check_images: Decode every image once at set-up and skip unusable ones with a warning.
             fail_on_bad_images: Stop at the first unusable image instead of skipping it.
             download: Fetch the Grocery Store dataset when root is missing; only into
@@ -126,6 +132,10 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"data.fold must be 0..{folds - 1} and data.folds at least 2, got fold {fold} of {folds}.")
         if fold_by != "random" and not folds:
             raise ValueError(f"data.fold_by {fold_by} chooses how cross-validation folds are made: set data.folds too.")
+        if not 0 <= class_balance <= 1:
+            raise ValueError(
+                f"data.class_balance must be in [0, 1] (0: as the data come, 1: equal), got {class_balance}."
+            )
         if (mixup > 0 or cutmix > 0) and batch_size % 2:
             raise ValueError(f"mixup/cutmix pair images within a batch: batch_size must be even, got {batch_size}.")
         self.save_hyperparameters()
@@ -240,7 +250,13 @@ class ImageDataModule(L.LightningDataModule):
         hp = self.hparams
         world = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         # this process's share under DDP: shuffled for training, every image once for evaluation
-        sampler = EpochShuffler(len(dataset), hp.seed, *world) if train else UnpaddedShard(len(dataset), *world)
+        if train:
+            weights = None
+            if hp.class_balance > 0:
+                weights = class_balanced_weights([label for _, label in dataset.samples], hp.class_balance)
+            sampler = EpochShuffler(len(dataset), hp.seed, *world, weights=weights)
+        else:
+            sampler = UnpaddedShard(len(dataset), *world)
         return DataLoader(
             dataset,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
