@@ -55,10 +55,19 @@ def workspace(tmp_path_factory):
 def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_uninterrupted_adapter(workspace, kill_at, resume_from):
     """Killed at step 9: resumes from the step-8 checkpoint, 2 of epoch 1's 6 batches done. Killed
     at step 7: from epoch 0's end-of-epoch checkpoint (step 6, written after validation)."""
-    name = f"killed_at_{kill_at}"
+    kill_and_resume(workspace, f"killed_at_{kill_at}", kill_at, resume_from, "whole")
+
+
+def test_a_killed_run_with_weight_averaging_resumes_to_the_uninterrupted_average(workspace):
+    """The step-8 checkpoint holds the average of steps 1-8 and the trained weights of step 8."""
+    main(fit(workspace, "whole_ema", "--model.ema_decay", "0.9"))
+    kill_and_resume(workspace, "killed_ema", 9, (8, 1), "whole_ema", "--model.ema_decay", "0.9")
+
+
+def kill_and_resume(workspace: Path, name: str, kill_at: int, resume_from: tuple[int, int], whole: str, *args: str):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     killed = subprocess.run(
-        [sys.executable, "-m", "vitlora.cli", *fit(workspace, name),
+        [sys.executable, "-m", "vitlora.cli", *fit(workspace, name, *args),
          "--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step", str(kill_at)],
         cwd=workspace, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -66,14 +75,14 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_uninterrupted_adap
     checkpoint = torch.load(last_checkpoint(workspace, name), weights_only=True)
     assert (checkpoint["global_step"], checkpoint["epoch"]) == resume_from
 
-    main(fit(workspace, name, "--ckpt_path", str(last_checkpoint(workspace, name))))
+    main(fit(workspace, name, *args, "--ckpt_path", str(last_checkpoint(workspace, name))))
     assert torch.load(last_checkpoint(workspace, name), weights_only=True)["global_step"] == 12
     adapters = {
         run: read_adapter(export_adapter(last_checkpoint(workspace, run), workspace / f"{run}.safetensors"))
-        for run in (name, "whole")
+        for run in (name, whole)
     }
-    assert any("lora_B" in key for key in adapters["whole"].tensors)
-    torch.testing.assert_close(adapters[name].tensors, adapters["whole"].tensors, atol=1e-6, rtol=0)
+    assert any("lora_B" in key for key in adapters[whole].tensors)
+    torch.testing.assert_close(adapters[name].tensors, adapters[whole].tensors, atol=1e-6, rtol=0)
 
 
 def test_last_checkpoint_holds_the_final_step_when_the_last_validation_did_not_improve(workspace):
