@@ -107,8 +107,10 @@ class ImageClassifier(L.LightningModule):
             explain_worst: vitlora test also writes explanation sheets (vitlora.explain) of the N
                 test images whose true class got the lowest probability, next to the confusion matrix.
             ema_decay: Validate, checkpoint and export a moving average of the trained weights
-                (0: off; 0.998 averages roughly the last 500 steps). Only the trained tensors are
-                averaged, so for LoRA it costs a copy of the adapter, not of the model.
+                (0: off). The decay ramps up as (1 + step) / (10 + step) until it reaches this
+                value, so the average spans about the last ninth of the steps so far, at most
+                about 1 / (1 - ema_decay) steps (500 for 0.998). Only the trained tensors are
+                averaged: for LoRA it costs a copy of the adapter, not of the model.
         """
         super().__init__()
         if isinstance(prompt, dict):  # as stored in checkpoints
