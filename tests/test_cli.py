@@ -100,6 +100,43 @@ def test_grocery_layout_test_reports_coarse_top1_from_the_fine_model(workspace, 
     assert [(row["class"], int(row["support"])) for row in rows] == [("Apple", 6), ("Banana", 3), ("Milk", 3)]
 
 
+def test_a_coarse_head_trains_beside_the_fine_one_and_test_scores_it(workspace, capsys, tmp_path):
+    grocery = make_grocery_folder(workspace / "grocery_coarse_head")
+    head = ("--data.root", str(grocery), "--model.coarse_head_weight", "0.5")
+    fit = run(workspace, "fit", name="coarse_head", options=head)
+    assert "+ coarse" in capsys.readouterr().out  # the parameter table counts the training head
+    ckpt = fit / "checkpoints" / "last.ckpt"
+    assert {"coarse_head.weight", "coarse_head.bias"} <= set(torch.load(ckpt, weights_only=True)["state_dict"])
+    folder = run(workspace, "test", "--ckpt_path", str(ckpt), name="coarse_head_test", options=head[:2])
+    logged = {k: float(v) for row in csv.DictReader((folder / "metrics.csv").open()) for k, v in row.items() if v}
+
+    module = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True).eval()
+    transform = eval_transform("vit_tiny_patch16_224", 32)
+    lines = [line.split(", ") for line in (grocery / "test.txt").read_text().splitlines()]
+    with torch.no_grad():
+        fine, coarse = module.fine_and_coarse_logits(
+            torch.stack([transform(load_rgb(grocery / p)) for p, _, _ in lines])
+        )
+    truth = torch.tensor([int(c) for _, _, c in lines])
+    assert logged["test/coarse_head_top1"] == pytest.approx(
+        (coarse.argmax(-1) == truth).float().mean().item(), abs=1e-6
+    )
+    mapped = torch.tensor([0, 0, 1, 2])[fine.argmax(-1)]
+    assert logged["test/coarse_top1"] == pytest.approx((mapped == truth).float().mean().item(), abs=1e-6)
+
+    adapter = tmp_path / "adapter.safetensors"  # the adapter serves the fine head alone
+    main(["export", "--ckpt_path", str(ckpt), "--output", str(adapter)])
+    assert not [key for key in load_file(adapter) if "coarse" in key]
+    plain = create_backbone("vit_tiny_patch16_224", 1000, weights=workspace / "base.safetensors", img_size=32, **TINY)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(load_adapter(plain, adapter).eval()(x), module(x))  # the fine head, as trained
+
+
+def test_a_coarse_head_without_coarse_classes_is_refused_in_one_line(workspace):
+    with pytest.raises(SystemExit, match=r"^vitlora fit: [^\n]*coarse_head_weight needs coarse classes[^\n]*$"):
+        run(workspace, "fit", name="no_coarse", options=("--model.coarse_head_weight", "0.5"))
+
+
 @pytest.fixture(scope="module")
 def fruit_adapter(workspace, lora_run):
     adapter_path = workspace / "fruit.safetensors"

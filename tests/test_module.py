@@ -357,7 +357,7 @@ def test_coarse_top1_counts_a_wrong_fine_class_inside_the_right_coarse_class(mon
     model = classifier("linear", **GROCERY_LABELS)
     monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
     monkeypatch.setattr(model, "log_dict", lambda *args, **kwargs: None)
-    monkeypatch.setattr(model, "evaluation_logits", lambda images: images)  # each batch brings its logits
+    monkeypatch.setattr(model, "evaluation_outputs", lambda images: (images, None))  # each batch brings its logits
     step = getattr(model, f"{stage}_step")
 
     def batch(predicted, true):
@@ -372,6 +372,126 @@ def test_coarse_top1_counts_a_wrong_fine_class_inside_the_right_coarse_class(mon
     assert metrics[f"{prefix}/top1"].compute().item() == pytest.approx(1 / 6)
     # over all 6 images (3 / 6), not the mean of the two batches' rates ((3/4 + 0) / 2)
     assert getattr(model, f"{prefix}_coarse_top1").compute().item() == pytest.approx(3 / 6)
+
+
+@pytest.mark.parametrize("weight", [-0.5, float("nan")])
+def test_coarse_head_weight_must_be_zero_or_positive(weight):
+    with pytest.raises(ValueError, match="coarse_head_weight must be 0"):
+        classifier(coarse_head_weight=weight, **GROCERY_LABELS)
+
+
+def test_a_coarse_head_needs_coarse_classes():
+    with pytest.raises(ValueError, match="coarse_head_weight needs coarse classes"):
+        classifier(coarse_head_weight=0.5)  # apple / banana / cherry: no coarse classes
+    assert classifier(coarse_head_weight=0.0).coarse_head is None
+
+
+def coarse_head_classifier(method="lora", weight=0.5, **kwargs):
+    model = awake(classifier(method, coarse_head_weight=weight, **GROCERY_LABELS, **kwargs))
+    with torch.no_grad():
+        model.coarse_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "linear", "full"])
+def test_the_coarse_head_leaves_the_fine_logits_and_adds_its_weighted_loss(monkeypatch, method):
+    model = coarse_head_classifier(method, label_smoothing=0.1)
+    monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
+    fine, coarse = model.fine_and_coarse_logits(X)
+    assert torch.equal(fine, model(X))  # the fine head's logits as without a coarse head
+    assert coarse.shape == (4, 3)
+    pooled = model.model.forward_head(model.model.forward_features(X), pre_logits=True)
+    assert torch.allclose(coarse, pooled @ model.coarse_head.weight.T + model.coarse_head.bias, atol=1e-6)
+
+    targets = torch.tensor([0, 1, 2, 3])  # Granny-Smith, Pink-Lady, Banana, Oat-Milk -> Apple, Apple, Banana, Milk
+    expected = F.cross_entropy(fine, targets, label_smoothing=0.1) + 0.5 * F.cross_entropy(
+        coarse, torch.tensor([0, 0, 1, 2]), label_smoothing=0.1
+    )
+    assert torch.allclose(model.training_step((X, targets), 0), expected, atol=1e-6)
+    # mixup's soft targets: half Granny-Smith, half Pink-Lady is wholly Apple on the coarse level
+    soft = torch.tensor([[0.5, 0.5, 0, 0], [0.3, 0, 0.7, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    coarse_soft = torch.tensor([[1.0, 0, 0], [0.3, 0.7, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    assert torch.equal(model.coarse_targets(soft), coarse_soft)
+    smoothed = coarse_soft * 0.9 + 0.1 / 3
+    expected_coarse = torch.sum(-smoothed * coarse.log_softmax(-1), -1).mean()
+    fine_smoothed = soft * 0.9 + 0.1 / 4
+    expected = torch.sum(-fine_smoothed * fine.log_softmax(-1), -1).mean() + 0.5 * expected_coarse
+    assert torch.allclose(model.training_step((X, soft), 0), expected, atol=1e-6)
+
+
+def test_the_coarse_loss_trains_the_coarse_head_and_the_adapter_and_nothing_frozen(monkeypatch):
+    model = coarse_head_classifier("lora")
+    monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
+    model.training_step((X, torch.tensor([0, 1, 2, 3])), 0).backward()
+    graded = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert graded == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"coarse_head.weight", "coarse_head.bias"} <= graded
+    assert any("lora_A" in n for n in graded) and "model.head.weight" in graded
+    # the coarse loss alone moves the adapter: its gradient differs from the fine loss's
+    model.zero_grad()
+    fine, _ = model.fine_and_coarse_logits(X)
+    F.cross_entropy(fine, torch.tensor([0, 1, 2, 3]), label_smoothing=0.1).backward()
+    fine_only = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert "coarse_head.weight" not in fine_only
+    model.zero_grad()
+    model.training_step((X, torch.tensor([0, 1, 2, 3])), 0).backward()
+    lora_a = next(n for n in fine_only if "lora_A" in n)
+    assert not torch.allclose(dict(model.named_parameters())[lora_a].grad, fine_only[lora_a])
+
+
+@pytest.mark.parametrize("stage", ["validation", "test"])
+def test_coarse_head_top1_scores_the_coarse_heads_own_prediction(monkeypatch, stage):
+    model = classifier("linear", coarse_head_weight=1.0, **GROCERY_LABELS)
+    monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
+    monkeypatch.setattr(model, "log_dict", lambda *args, **kwargs: None)
+    fine = F.one_hot(torch.tensor([0, 0, 3]), 4).float()  # right, wrong (Apple for Apple), wrong (Milk for Banana)
+    coarse = F.one_hot(torch.tensor([0, 1, 1]), 3).float()  # Apple right, Banana wrong, Banana right
+    monkeypatch.setattr(model, "evaluation_outputs", lambda images: (fine, coarse))
+    getattr(model, f"{stage}_step")((torch.zeros(3), torch.tensor([0, 1, 2])), 0)
+    prefix = "val" if stage == "validation" else "test"
+    assert getattr(model, f"{prefix}_coarse_top1").compute().item() == pytest.approx(2 / 3)
+    assert getattr(model, f"{prefix}_coarse_head_top1").compute().item() == pytest.approx(2 / 3)
+    coarse = F.one_hot(torch.tensor([2, 2, 0]), 3).float()  # all wrong
+    monkeypatch.setattr(model, "evaluation_outputs", lambda images: (fine, coarse))
+    getattr(model, f"{prefix}_coarse_head_top1").reset()
+    getattr(model, f"{stage}_step")((torch.zeros(3), torch.tensor([0, 1, 2])), 0)
+    assert getattr(model, f"{prefix}_coarse_head_top1").compute().item() == 0.0
+
+
+def test_evaluation_averages_the_coarse_head_over_the_tta_views():
+    model = coarse_head_classifier("lora", tta="flip-zoom").eval()
+    with torch.no_grad():
+        fine, coarse = model.evaluation_outputs(X)
+        views = [model.fine_and_coarse_logits(view) for view in tta_views(X, "flip-zoom")]
+    assert len(views) == 4
+    assert torch.allclose(fine, torch.stack([f for f, _ in views]).mean(0), atol=1e-6)
+    assert torch.allclose(coarse, torch.stack([c for _, c in views]).mean(0), atol=1e-6)
+    assert torch.equal(model.evaluation_logits(X), fine)
+
+
+def test_a_coarse_head_run_checkpoints_restores_and_trains_it_at_the_heads_rate(tmp_path):
+    grocery = make_grocery_folder(tmp_path / "grocery")
+    model = classifier("lora", coarse_head_weight=0.5, head_lr=3e-2, **GROCERY_LABELS)
+    before = model.coarse_head.weight.detach().clone()
+    trainer(tmp_path, max_epochs=1).fit(model, datamodule(grocery))
+    assert not torch.equal(model.coarse_head.weight, before)
+    groups = model.trainer.optimizers[0].param_groups
+
+    def group_of(parameter):
+        return next(group for group in groups if any(p is parameter for p in group["params"]))
+
+    weight, bias = group_of(model.coarse_head.weight), group_of(model.coarse_head.bias)
+    assert weight is group_of(model.model.head.weight) and bias is group_of(model.model.head.bias)
+    assert weight["initial_lr"] == bias["initial_lr"] == 3e-2  # head_lr, not lr
+    assert weight["weight_decay"] == 0.05 and bias["weight_decay"] == 0.0
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert {"coarse_head.weight", "coarse_head.bias"} <= set(checkpoint["state_dict"])
+    assert all(k.startswith(("model.", "coarse_head.")) for k in checkpoint["state_dict"])
+    restored = ImageClassifier.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True).eval()
+    model.eval()
+    with torch.no_grad():
+        for ours, theirs in zip(model.fine_and_coarse_logits(X), restored.fine_and_coarse_logits(X), strict=True):
+            assert torch.equal(ours, theirs)
 
 
 def test_grocery_test_run_logs_coarse_top1_and_writes_coarse_per_class_accuracy(tmp_path):

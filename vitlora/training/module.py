@@ -67,6 +67,7 @@ class ImageClassifier(L.LightningModule):
         compile_kwargs: dict[str, Any] | None = None,
         explain_worst: int = 0,
         ema_decay: float = 0.0,
+        coarse_head_weight: float = 0.0,
     ) -> None:
         """One backbone adapted by ``method``; its options as ``vitlora fit --model.*`` shows them.
 
@@ -111,6 +112,10 @@ class ImageClassifier(L.LightningModule):
                 value, so the average spans about the last ninth of the steps so far, at most
                 about 1 / (1 - ema_decay) steps (500 for 0.998). Only the trained tensors are
                 averaged: for LoRA it costs a copy of the adapter, not of the model.
+            coarse_head_weight: Also train a head on the coarse classes (fine_to_coarse, from the
+                data), on the same pooled features as the fine head, its cross-entropy weighted by
+                this (0: none). It only shapes training: predictions, adapters and served models use
+                the fine head; validation and test also log coarse_head_top1.
         """
         super().__init__()
         if isinstance(prompt, dict):  # as stored in checkpoints
@@ -125,6 +130,13 @@ class ImageClassifier(L.LightningModule):
         if not num_classes:
             raise ValueError("num_classes (or class_names) is required; the CLI takes them from the data.")
         check_coarse_classes(fine_to_coarse, coarse_class_names, num_classes)
+        if not (math.isfinite(coarse_head_weight) and coarse_head_weight >= 0):
+            raise ValueError(f"coarse_head_weight must be 0 (off) or a positive number, got {coarse_head_weight!r}.")
+        if coarse_head_weight and fine_to_coarse is None:
+            raise ValueError(
+                "coarse_head_weight needs coarse classes: data whose classes group into coarse ones "
+                "(the Grocery Store layout with label_level fine)."
+            )
         if lora_plus_ratio is not None and not lora_plus_ratio > 0:
             raise ValueError(f"lora_plus_ratio must be a positive number (None or 1 for off), got {lora_plus_ratio!r}.")
         tta = {True: "flip", False: "none"}.get(tta, tta)
@@ -146,7 +158,11 @@ class ImageClassifier(L.LightningModule):
         if gradient_checkpointing:
             self.model.set_grad_checkpointing()
         adapt_backbone(self.model, method, lora, prompt, bias_tuning, train_last_blocks)
-        trained = ((f"model.{name}", p) for name, p in self.model.named_parameters() if p.requires_grad)
+        self.coarse_head = None
+        if coarse_head_weight:
+            features = getattr(self.model, "head_hidden_size", self.model.num_features)
+            self.coarse_head = torch.nn.Linear(features, len(coarse_class_names))
+        trained = ((name, p) for name, p in self.named_parameters() if p.requires_grad)
         self.ema = TrainableAverage(trained, ema_decay) if ema_decay else None
         metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
         if num_classes > 5:
@@ -162,6 +178,9 @@ class ImageClassifier(L.LightningModule):
         if coarse_of is not None:  # synced counts: exact under DDP, whatever the shares
             self.val_coarse_top1 = MulticlassAccuracy(len(coarse_class_names), average="micro")
             self.test_coarse_top1 = self.val_coarse_top1.clone()
+        if self.coarse_head is not None:
+            self.val_coarse_head_top1 = self.val_coarse_top1.clone()
+            self.test_coarse_head_top1 = self.val_coarse_top1.clone()
 
     @property
     def class_names(self) -> list[str]:
@@ -170,6 +189,14 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def fine_and_coarse_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's logits and, with a coarse head, its logits on the same pooled features."""
+        if self.coarse_head is None:
+            return self(images), None
+        features = self.model.forward_features(images)  # timm: forward == forward_head(forward_features)
+        pooled = self.model.forward_head(features, pre_logits=True)
+        return self.model.forward_head(features), self.coarse_head(pooled)
+
     def configure_model(self) -> None:
         if self.hparams.torch_compile and not getattr(self, "_compiled", False):
             self.model.compile(**(self.hparams.compile_kwargs or {}))  # in place: same module, same state-dict keys
@@ -177,7 +204,11 @@ class ImageClassifier(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:
-            print(f"{self.hparams.method} on {self.hparams.backbone}:\n{count_parameters(self.model)}")
+            counts = str(count_parameters(self.model))
+            if self.coarse_head is not None:
+                coarse = sum(p.numel() for p in self.coarse_head.parameters())
+                counts += f"\n{'+ coarse':<10} {coarse:>11,}  (a training head: not in adapters)"
+            print(f"{self.hparams.method} on {self.hparams.backbone}:\n{counts}")
 
     # --- training -------------------------------------------------------------------------
 
@@ -187,15 +218,23 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        logits = self(images)
-        if targets.ndim == 2:  # mixup / cutmix soft targets
-            smoothing = self.hparams.label_smoothing
-            soft = targets * (1 - smoothing) + smoothing / targets.shape[1]
-            loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        else:
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
+        logits, coarse_logits = self.fine_and_coarse_logits(images)
+        loss = smoothed_cross_entropy(logits, targets, self.hparams.label_smoothing)
+        if coarse_logits is not None:
+            coarse_loss = smoothed_cross_entropy(
+                coarse_logits, self.coarse_targets(targets), self.hparams.label_smoothing
+            )
+            self.log("train/coarse_loss", coarse_loss)
+            loss = loss + self.hparams.coarse_head_weight * coarse_loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def coarse_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Each image's coarse class; mixup's soft targets summed within each coarse class."""
+        if targets.ndim == 2:
+            membership = F.one_hot(self.coarse_of, self.coarse_head.out_features).to(targets.dtype)
+            return targets @ membership
+        return self.coarse_of[targets]
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -214,37 +253,50 @@ class ImageClassifier(L.LightningModule):
         if self.ema is not None:
             self.ema.swap()  # fit ends with the averaged weights, as its checkpoints and adapters
 
+    def evaluation_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fine logits, and the coarse head's where there is one, each averaged over the TTA views."""
+        outputs = [self.fine_and_coarse_logits(view) for view in tta_views(images, self.hparams.tta)]
+        logits = torch.stack([fine for fine, _ in outputs]).mean(0)
+        coarse = torch.stack([coarse for _, coarse in outputs]).mean(0) if self.coarse_head is not None else None
+        return logits, coarse
+
     def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
-        views = tta_views(images, self.hparams.tta)
-        return torch.stack([self(view) for view in views]).mean(0)
+        return self.evaluation_outputs(images)[0]
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
-        logits = self.evaluation_logits(images)
+        logits, coarse_logits = self.evaluation_outputs(images)
         self.val_loss.update(F.cross_entropy(logits.float(), targets), weight=len(targets))
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.val_metrics.update(logits, targets)
         self.log_dict(self.val_metrics, prog_bar=True)
-        self.log_coarse_top1("val", logits, targets)
+        self.log_coarse_top1("val", logits, coarse_logits, targets)
 
     def test_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
-        logits = self.evaluation_logits(images)
+        logits, coarse_logits = self.evaluation_outputs(images)
         self.test_metrics.update(logits, targets)
         self.log_dict(self.test_metrics)
-        self.log_coarse_top1("test", logits, targets)
+        self.log_coarse_top1("test", logits, coarse_logits, targets)
         self.test_per_class.update(logits, targets)
         self.test_confusion.update(logits, targets)
         if self.hparams.explain_worst:
             self._worst = worst_images(getattr(self, "_worst", []), images, targets, logits, self.hparams.explain_worst)
 
-    def log_coarse_top1(self, stage: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """``<stage>/coarse_top1``: a fine prediction counts as right when it lies in the image's coarse class."""
+    def log_coarse_top1(
+        self, stage: str, logits: torch.Tensor, coarse_logits: torch.Tensor | None, targets: torch.Tensor
+    ) -> None:
+        """``<stage>/coarse_top1``: a fine prediction counts as right when it lies in the image's coarse
+        class; ``<stage>/coarse_head_top1``: the coarse head's own prediction, where there is one."""
         if self.coarse_of is None:
             return
         metric = getattr(self, f"{stage}_coarse_top1")
         metric.update(self.coarse_of[logits.argmax(-1)], self.coarse_of[targets])
         self.log(f"{stage}/coarse_top1", metric, prog_bar=stage == "val")
+        if coarse_logits is not None:
+            metric = getattr(self, f"{stage}_coarse_head_top1")
+            metric.update(coarse_logits.argmax(-1), self.coarse_of[targets])
+            self.log(f"{stage}/coarse_head_top1", metric)
 
     def on_test_epoch_end(self) -> None:
         from vitlora.training.report import write_test_report
@@ -308,6 +360,8 @@ class ImageClassifier(L.LightningModule):
                 continue
             decay = parameter.ndim > 1 and name not in no_decay_names and not is_prompt_name(name)
             groups.setdefault((name.startswith(heads), decay, name in lora_B_names), []).append(parameter)
+        for parameter in self.coarse_head.parameters() if self.coarse_head is not None else ():
+            groups.setdefault((True, parameter.ndim > 1, False), []).append(parameter)  # a head: head_lr
         param_groups = [
             {
                 "params": params,
@@ -345,7 +399,7 @@ class ImageClassifier(L.LightningModule):
         return self._base_fingerprint
 
     def trainable_state_keys(self) -> set[str]:
-        return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.trainable_only_checkpoints:
@@ -407,6 +461,14 @@ def worst_images(
         (p, image.detach().cpu(), int(t)) for p, image, t in zip(probabilities, images, targets.tolist(), strict=True)
     ]
     return sorted(kept + batch, key=lambda item: item[0])[:count]
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Label-smoothed cross-entropy against class indices or (mixup / cutmix) soft targets, in float32."""
+    if targets.ndim == 2:
+        soft = targets * (1 - smoothing) + smoothing / targets.shape[1]
+        return torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
