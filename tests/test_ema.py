@@ -113,3 +113,50 @@ def test_resuming_trains_on_from_the_trained_weights_and_keeps_averaging(tmp_pat
     end = {key: whole.model.state_dict()[key] for key in steps[0]}
     for key, tensor in end.items():
         torch.testing.assert_close(resumed.model.state_dict()[key], tensor, atol=1e-6, rtol=0)
+
+
+def resume_as(cli, checkpoint: str, **changes):
+    """Resumes ``cli``'s run from ``checkpoint`` with a module whose options differ by ``changes``
+    (through the Python API: on the command line, LightningCLI restores the checkpoint's options)."""
+    import lightning as L
+
+    from vitlora.training.module import ImageClassifier
+
+    recorder = TrainedWeights()
+    options = {key: value for key, value in cli.model.hparams.items() if not key.startswith("_")}
+    module = ImageClassifier(**{**options, **changes})
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, callbacks=[recorder], default_root_dir=Path(checkpoint).parent,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=cli.datamodule, ckpt_path=checkpoint)
+    return module, recorder.steps
+
+
+def test_resuming_with_the_average_turned_off_trains_on_from_the_trained_weights(tmp_path):
+    root = make_workspace(tmp_path)
+    first, _ = fit_with_ema(root, stop_early=True)
+    half = first.trainer.checkpoint_callback.last_model_path
+    checkpoint = torch.load(half, weights_only=True)
+    trained, averaged = checkpoint["vitlora"]["trained_weights"], checkpoint["state_dict"]
+    assert not torch.equal(averaged["model.head.weight"], trained["model.head.weight"])
+    resumed, steps = resume_as(first, half, ema_decay=0.0)
+    assert resumed.ema is None and len(steps) == 1 + 6
+    for key, tensor in trained.items():
+        assert torch.equal(steps[0][key], tensor), key  # not the average the checkpoint's state_dict holds
+
+
+def test_turning_the_average_on_when_resuming_starts_it_at_the_checkpoints_weights(tmp_path):
+    root = make_workspace(tmp_path)
+    plain, _ = fit_with_ema(root, "--model.ema_decay", "0", stop_early=True)
+    half = plain.trainer.checkpoint_callback.last_model_path
+    saved = torch.load(half, weights_only=True)["state_dict"]
+    resumed, steps = resume_as(plain, half, ema_decay=0.8)
+    average = {key: saved[key] for key in steps[0]}
+    for key in average:
+        assert torch.equal(steps[0][key], saved[key])
+    for step, trained in enumerate(steps[1:], start=7):  # steps 7..12 fold into an average that starts there
+        weight = 1 - ema_decay_at(0.8, step - 1)
+        average = {key: value + weight * (trained[key] - value) for key, value in average.items()}
+    for key, tensor in average.items():
+        torch.testing.assert_close(resumed.state_dict()[key], tensor, atol=1e-6, rtol=0)

@@ -422,10 +422,11 @@ class ImageClassifier(L.LightningModule):
                 f"The base weights rebuilt from {self.hparams.weights or self.hparams.backbone!r} differ from "
                 "those this checkpoint was trained on; pass the original file with --model.weights."
             )
-        trained = checkpoint.get("vitlora", {}).get("trained_weights")
-        if trained and self.ema is not None and self._trainer is not None and self._trainer.state.fn == "fit":
-            self.ema.load({key: state[key] for key in trained})  # resuming: train on from the trained weights
-            state.update(trained)
+        if self._trainer is not None and self._trainer.state.fn == "fit":  # resuming
+            if self.ema is not None and self.ema.averages().keys() <= state.keys():
+                self.ema.load(state)  # the saved average, or (saved without EMA) one that starts here
+            # train on from the trained weights, not their average, whether or not this run averages too
+            state.update(checkpoint.get("vitlora", {}).get("trained_weights", {}))
         missing = sorted(self.trainable_state_keys() - state.keys())
         if missing:
             raise ValueError(f"Checkpoint lacks trainable tensors {missing[:5]}: was it saved by another method?")
