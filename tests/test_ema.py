@@ -98,6 +98,12 @@ def test_training_ends_validates_and_checkpoints_with_the_average_of_the_trained
     for key in average:
         torch.testing.assert_close(checkpoint["state_dict"][key], average[key], atol=1e-6, rtol=0)
         torch.testing.assert_close(checkpoint["vitlora"]["trained_weights"][key], steps[-1][key], atol=0, rtol=0)
+    after = tmp_path / "after_fit.ckpt"  # saved once fit has swapped the average in (vitlora compare does)
+    cli.trainer.save_checkpoint(after)
+    for key, tensor in torch.load(after, weights_only=True)["state_dict"].items():
+        assert torch.equal(tensor, checkpoint["state_dict"][key]), key
+    for key, tensor in torch.load(after, weights_only=True)["vitlora"]["trained_weights"].items():
+        assert torch.equal(tensor, checkpoint["vitlora"]["trained_weights"][key]), key
     logged = cli.trainer.callback_metrics["val/loss"].item()
     again = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=last, verbose=False)[0]
     assert again["val/loss"] == pytest.approx(logged, abs=1e-6)  # what fit validated is what the checkpoint holds

@@ -30,6 +30,7 @@ class TrainableAverage(nn.Module):
             raise ValueError(f"ema_decay must lie strictly between 0 and 1 (0.998 is typical), got {decay}.")
         self.decay = decay
         self.parameters_by_name = dict(parameters)  # the live tensors, not registered here
+        self.swapped = False  # True while the parameters hold the averages (and the buffers the trained weights)
         for index, parameter in enumerate(self.parameters_by_name.values()):
             self.register_buffer(f"average_{index}", parameter.detach().clone(), persistent=False)
 
@@ -51,6 +52,12 @@ class TrainableAverage(nn.Module):
             trained = parameter.detach().clone()
             parameter.copy_(average)
             average.copy_(trained)
+        self.swapped = not self.swapped
+
+    def trained_and_averaged(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Name -> trained tensor and name -> average, wherever each lives now (swapped or not)."""
+        live = {name: parameter.detach() for name, parameter in self.parameters_by_name.items()}
+        return (self.averages(), live) if self.swapped else (live, self.averages())
 
     @torch.no_grad()
     def load(self, averages: dict[str, torch.Tensor]) -> None:

@@ -231,9 +231,9 @@ class ImageClassifier(L.LightningModule):
 
     def coarse_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """Each image's coarse class; mixup's soft targets summed within each coarse class."""
-        if targets.ndim == 2:
-            membership = F.one_hot(self.coarse_of, self.coarse_head.out_features).to(targets.dtype)
-            return targets @ membership
+        if targets.ndim == 2:  # a sum, not a matmul: autocast would round the matmul to bf16
+            summed = targets.new_zeros(len(targets), self.coarse_head.out_features)
+            return summed.index_add_(1, self.coarse_of, targets)
         return self.coarse_of[targets]
 
     def optimizer_step(self, *args, **kwargs) -> None:
@@ -255,13 +255,14 @@ class ImageClassifier(L.LightningModule):
 
     def evaluation_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fine logits, and the coarse head's where there is one, each averaged over the TTA views."""
+        if self.coarse_head is None:
+            return self.evaluation_logits(images), None
         outputs = [self.fine_and_coarse_logits(view) for view in tta_views(images, self.hparams.tta)]
-        logits = torch.stack([fine for fine, _ in outputs]).mean(0)
-        coarse = torch.stack([coarse for _, coarse in outputs]).mean(0) if self.coarse_head is not None else None
-        return logits, coarse
+        return torch.stack([fine for fine, _ in outputs]).mean(0), torch.stack([c for _, c in outputs]).mean(0)
 
     def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.evaluation_outputs(images)[0]
+        """The fine logits averaged over the TTA views (predictions: the model's own, compiled forward)."""
+        return torch.stack([self(view) for view in tta_views(images, self.hparams.tta)]).mean(0)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
@@ -407,10 +408,9 @@ class ImageClassifier(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
             checkpoint["vitlora"] = {"base_fingerprint": self.frozen_base_fingerprint()}
         if self.ema is not None:  # evaluation, export and test read the average; resuming needs the trained weights
-            state = checkpoint["state_dict"]
-            averages = self.ema.averages()
-            checkpoint.setdefault("vitlora", {})["trained_weights"] = {key: state[key] for key in averages}
-            state.update(averages)
+            trained, averaged = self.ema.trained_and_averaged()  # also right when saved after fit swapped them
+            checkpoint.setdefault("vitlora", {})["trained_weights"] = trained
+            checkpoint["state_dict"].update(averaged)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Fills the frozen base (rebuilt from its source in __init__) into a trainable-only
