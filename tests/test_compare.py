@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import make_workspace
 from PIL import Image
@@ -424,8 +425,8 @@ def fake_runs(monkeypatch, no_charts):
     """measure_run replaced: every call recorded (label, gpu) and answered by fake_result, no process started."""
     calls = []
 
-    def measure_run(run, latency_rounds=10, gpu=None):
-        calls.append((run.label, gpu))
+    def measure_run(run, latency_rounds=10, gpu=None, resume_from=None):
+        calls.append((run.label, gpu) + ((resume_from,) if resume_from else ()))
         return fake_result(run)
 
     monkeypatch.setattr(runner, "measure_run", measure_run)
@@ -501,10 +502,88 @@ def test_resume_reruns_unfinished_runs_from_a_clean_folder(tmp_path, fake_runs):
     assert [r.name for r in results] == ["lora", "full"] and all(r.ok for r in results)
 
 
+def test_resume_continues_an_interrupted_run_from_its_whole_last_checkpoint(tmp_path, fake_runs):
+    methods = [MethodSpec("lora", RECIPES / "smoke.yaml"), MethodSpec("full", RECIPES / "smoke.yaml")]
+    compare_methods(methods, tmp_path)
+    for name, checkpoint in (("lora", b"PK\x03\x04 a truncated zip"), ("full", whole_zip())):
+        (tmp_path / "runs" / name / runner.RESULT_FILE).unlink()
+        (tmp_path / "runs" / name / "checkpoints").mkdir()
+        (tmp_path / "runs" / name / "checkpoints" / "last.ckpt").write_bytes(checkpoint)
+        (tmp_path / "runs" / name / "metrics.csv").write_text("step\n")
+    compare_methods(methods, tmp_path, resume=True)
+    last = tmp_path / "runs" / "full" / "checkpoints" / "last.ckpt"
+    assert fake_runs[2:] == [("lora", None), ("full", None, last)]  # a truncated checkpoint: started over
+    assert not (tmp_path / "runs" / "lora" / "metrics.csv").exists()
+    assert (tmp_path / "runs" / "full" / "metrics.csv").is_file() and last.is_file()
+
+
+def whole_zip() -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", b"checkpoint")
+    return buffer.getvalue()
+
+
+def test_a_comparison_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Killed at step 9 of 12 (SIGKILL inside the run's process), --resume goes on from the step-8
+    checkpoint to the adapter and metrics file the uninterrupted comparison gets, and keeps the log."""
+    make_workspace(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(compare_report, "report_charts", lambda results: {})
+    method = [MethodSpec("lora", RECIPES / "smoke.yaml", {"model.lora.dropout": 0.2, "data.mixup": 0.8})]
+    shared = ["--data.root", str(tmp_path / "data"), "--model.weights", str(tmp_path / "base.safetensors"),
+              "--checkpoint_every_n_steps", "2", "--trainer.limit_train_batches", "null"]  # fmt: skip
+    settings = {"shared_args": shared, "budget": Budget(max_epochs=2, limit_train_batches=None), "latency_rounds": 1}
+    [whole] = compare_methods(method, tmp_path / "whole", **settings)
+
+    popen = runner.subprocess.Popen
+
+    def killed_at_step_9(command, *args, env, **kwargs):
+        killing = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step", "9"]
+        tests = str(Path(__file__).parent)
+        return popen(
+            [*command, *killing], *args, env=env | {"PYTHONPATH": f"{env['PYTHONPATH']}{os.pathsep}{tests}"}, **kwargs
+        )
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner.subprocess, "Popen", killed_at_step_9)
+        [killed] = compare_methods(method, tmp_path / "resumed", **settings)
+    assert not killed.ok and "exit code -9" in killed.error
+    run_dir = tmp_path / "resumed" / "runs" / "lora"
+    killed_log = (run_dir / "train.log").read_text()
+    assert "epoch 1/2" in killed_log  # epoch 0 done before the kill, as the log kept it
+
+    [resumed] = compare_methods(method, tmp_path / "resumed", resume=True, **settings)
+    assert resumed.ok
+    log = (run_dir / "train.log").read_text()
+    assert log.startswith(killed_log) and f"continued from {run_dir / 'checkpoints' / 'last.ckpt'}" in log
+    assert any("continued from" in note and "at step 8" in note for note in resumed.notes)
+    adapters = [read_adapter(result.adapter).tensors for result in (whole, resumed)]
+    assert any("lora_B" in key for key in adapters[0])
+    torch.testing.assert_close(adapters[1], adapters[0], atol=1e-6, rtol=0)
+    assert resumed.val == pytest.approx(whole.val, abs=1e-6)
+    assert [point["step"] for point in resumed.curve] == [point["step"] for point in whole.curve] == [6, 12]
+    assert resumed.curve[0]["top1"] == pytest.approx(whole.curve[0]["top1"])  # from before the kill, kept
+    assert resumed.steps == whole.steps == 12 and resumed.step_time_s > 0  # the killed part counted too
+
+    def logged(folder: Path) -> list[dict]:
+        return list(csv.DictReader((folder / "metrics.csv").read_text().splitlines()))
+
+    whole_rows, resumed_rows = logged(tmp_path / "whole" / "runs" / "lora"), logged(run_dir)
+    assert len(resumed_rows) == len(whole_rows) > 4 and resumed_rows[0].keys() == whole_rows[0].keys()
+    for resumed_row, whole_row in zip(resumed_rows, whole_rows, strict=True):  # every metric of every step
+        assert {k: float(v) for k, v in resumed_row.items() if v} == pytest.approx(
+            {k: float(v) for k, v in whole_row.items() if v}, abs=1e-5
+        )
+
+
 def test_runs_go_one_per_gpu_at_most_parallel_at_once_and_results_keep_config_order(tmp_path, monkeypatch):
     lock, running, seen, reported, gpus = threading.Lock(), {}, [], [], set()
 
-    def measure_run(run, latency_rounds=10, gpu=None):
+    def measure_run(run, latency_rounds=10, gpu=None, resume_from=None):
         with lock:
             assert gpu not in running.values(), f"{run.label} given GPU {gpu}, which {running} holds"
             running[run.label] = gpu

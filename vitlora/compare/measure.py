@@ -1,11 +1,12 @@
 """One method trained and measured in its own process, for `vitlora compare`.
 
-    python -m vitlora.compare.measure RESULT.json LATENCY_ROUNDS --config recipe.yaml [--model.lr ...]
+    python -m vitlora.compare.measure RESULT.json LATENCY_ROUNDS [--resume_from CKPT] --config recipe.yaml [--model.lr ...]
 
 trains with the same configuration machinery as ``vitlora fit``, validates the final weights,
 tests them when the data has a test split, exports the adapter of a LoRA run, times inference
 of the base model against this one (unmerged and merged) and writes RESULT.json. A process of
-its own per method is what makes the peak memory this method's alone.
+its own per method is what makes the peak memory this method's alone. ``--resume_from``: an
+interrupted run's checkpoint, continued in the same folder.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from vitlora.prompts import prompt_config, remove_prompt_tokens
 from vitlora.trainable import count_parameters
 from vitlora.training.export import export_adapter
 from vitlora.training.lightning_cli import build_cli
+from vitlora.training.logging import RunLogger
 
 WARMUP_STEPS = 5
 WARMUP_ROUNDS = 2
@@ -60,15 +62,41 @@ class TrainingMeasurements(Callback):
         self.memory_kind = ""
         self._fit_start = self._batch_end = self._step_start = 0.0
         self._eval_images = 0
+        self.resumed_at_step = 0  # where a fit resumed from a checkpoint took over; 0: from the start
+        self._fit_seconds_before = 0.0  # of the part before a resume, as its checkpoint kept them
+        self._device = torch.device("cpu")
+        self._global_step = 0
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so that a run resumed from it reports all of its steps and validations."""
+        return {
+            "step_seconds": self.step_seconds,
+            "batch_seconds": self.batch_seconds,
+            "batch_sizes": self.batch_sizes,
+            "validations": self.validations,
+            "global_step": self._global_step,
+            "fit_seconds": self._fit_seconds_before + time.perf_counter() - self._fit_start,
+            "peak_memory_mb": max(self.peak_memory_mb, peak_memory(self._device)[0]),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_seconds, self.batch_seconds = list(state["step_seconds"]), list(state["batch_seconds"])
+        self.batch_sizes, self.validations = list(state["batch_sizes"]), list(state["validations"])
+        self._fit_seconds_before, self.peak_memory_mb = state["fit_seconds"], state["peak_memory_mb"]
+        self.resumed_at_step = self._global_step = state["global_step"]
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # after a checkpoint's callback states are loaded
+        if self.resumed_at_step and isinstance(trainer.logger, RunLogger):
+            trainer.logger.keep_earlier_rows(self.resumed_at_step)
+        self._device = trainer.strategy.root_device
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
         self._fit_start = time.perf_counter()
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self.fit_seconds = time.perf_counter() - self._fit_start
-        self.peak_memory_mb, self.memory_kind = peak_memory(trainer.strategy.root_device)
+        self.fit_seconds = self._fit_seconds_before + time.perf_counter() - self._fit_start
+        peak, self.memory_kind = peak_memory(trainer.strategy.root_device)
+        self.peak_memory_mb = max(self.peak_memory_mb, peak)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._batch_end = time.perf_counter()
@@ -83,7 +111,7 @@ class TrainingMeasurements(Callback):
         self.step_seconds.append(now - self._step_start)
         self.batch_seconds.append(now - self._batch_end)
         self.batch_sizes.append(len(batch[0]))
-        self._batch_end = now
+        self._batch_end, self._global_step = now, trainer.global_step
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._eval_images = 0
@@ -216,12 +244,18 @@ def write_predictions(path: Path, samples: Sequence[tuple[Path, int]], predicted
         writer.writerows((str(image), label, int(p)) for (image, label), p in zip(samples, predicted, strict=True))
 
 
-def measure_method(result_path: Path, fit_args: list[str], latency_rounds: int = 10) -> dict[str, Any]:
-    """Trains one method as ``vitlora fit`` would with ``fit_args``, measures it, writes ``result_path``."""
+def measure_method(
+    result_path: Path, fit_args: list[str], latency_rounds: int = 10, resume_from: Path | None = None
+) -> dict[str, Any]:
+    """Trains one method as ``vitlora fit`` would with ``fit_args``, measures it, writes ``result_path``.
+
+    ``resume_from``: the run's own last checkpoint, after an interruption; the fit goes on from there
+    exactly, and the measurements the checkpoint kept (step times, validations, fit time, peak memory)
+    carry on with it."""
     meter = TrainingMeasurements()
     cli = build_cli(fit_args, run=False, callbacks=[meter])
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
     checkpoint = Path(last) if last else None
     if not meter.validations or meter.validations[-1]["step"] != trainer.global_step:
@@ -242,6 +276,11 @@ def measure_method(result_path: Path, fit_args: list[str], latency_rounds: int =
         )
 
     notes, adapter = [], None
+    if resume_from:
+        notes.append(
+            f"continued from {resume_from} at step {meter.resumed_at_step} after an interruption "
+            "(its wall time counts the continuation only)"
+        )
     if checkpoint and module.hparams.method != "full":  # LoRA, prompts, tuned biases, or a probe's head
         try:
             adapter = export_adapter(checkpoint, result_path.parent / "adapter.safetensors")
@@ -290,7 +329,9 @@ def measure_method(result_path: Path, fit_args: list[str], latency_rounds: int =
 if __name__ == "__main__":
     result, rounds, *options = sys.argv[1:]
     del sys.argv[1:]  # LightningCLI takes its options from `options` alone
+    resume_from = Path(options[1]) if options[:1] == ["--resume_from"] else None
+    options = options[2:] if resume_from else options
     try:
-        measure_method(Path(result), options, int(rounds))
+        measure_method(Path(result), options, int(rounds), resume_from)
     except (ValueError, OSError, WeightsUnavailable) as error:  # vitlora's own checks: one line in the log
         raise SystemExit(f"vitlora compare: {error}") from error

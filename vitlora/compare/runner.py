@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -102,16 +103,23 @@ def compare_methods(
     }
     done = {index: read_run(run) for index, run in enumerate(runs) if run.finished}
     pending = [index for index in range(len(runs)) if index not in done]
-    if done:
-        print(f"resuming {output}: {len(done)} of {len(runs)} runs finished, {len(pending)} to go", flush=True)
-    for index in pending:  # an unfinished run's checkpoints and logs would mix with the new ones
-        shutil.rmtree(runs[index].run_dir, ignore_errors=True)
+    interrupted = {index: last for index in pending if resume and (last := resumable_checkpoint(runs[index]))}
+    if done or interrupted:
+        print(
+            f"resuming {output}: {len(done)} of {len(runs)} runs finished, {len(pending)} to go"
+            + (f" ({len(interrupted)} continued from their last checkpoint)" if interrupted else ""),
+            flush=True,
+        )
+    for index in pending:  # a run without a checkpoint to go on from starts over in a clean folder
+        if index not in interrupted:
+            shutil.rmtree(runs[index].run_dir, ignore_errors=True)
 
     def launch(index: int, gpu: str | None) -> MethodResult:
         run, number = runs[index], f"[{index + 1}/{len(runs)}]"
         where = "" if gpu is None else f" on GPU {gpu}"
-        print(f"{number} {run.label}: training{where} (log: {run.run_dir / 'train.log'})", flush=True)
-        result = measure_run(run, latency_rounds, gpu)
+        doing = f"continuing from {interrupted[index]}" if index in interrupted else "training"
+        print(f"{number} {run.label}: {doing}{where} (log: {run.run_dir / 'train.log'})", flush=True)
+        result = measure_run(run, latency_rounds, gpu, interrupted.get(index))
         print(f"{number} {run.label}: {result.error or 'done'}", flush=True)
         return result
 
@@ -278,19 +286,28 @@ def run_concurrently(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def measure_run(run: PlannedRun, latency_rounds: int = 10, gpu: str | None = None) -> MethodResult:
-    """Trains and measures one run in a fresh process, pinned to ``gpu`` when given; it writes into its folder."""
+def measure_run(
+    run: PlannedRun, latency_rounds: int = 10, gpu: str | None = None, resume_from: Path | None = None
+) -> MethodResult:
+    """Trains and measures one run in a fresh process, pinned to ``gpu`` when given; it writes into its folder.
+
+    ``resume_from``: the run's last checkpoint; training goes on from it and train.log goes on after the old lines."""
     fit_args, env = list(run.fit_args), {"PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
     if gpu is not None:
         fit_args += ["--trainer.devices", "1"]
         env["CUDA_VISIBLE_DEVICES"] = gpu
     fit_command = fit_command_line(fit_args, gpu)
-    result_path = run.run_dir / RESULT_FILE
-    command = [sys.executable, "-m", "vitlora.compare.measure", str(result_path), str(latency_rounds), *fit_args]
+    result_path, log_path = run.run_dir / RESULT_FILE, run.run_dir / "train.log"
+    resuming = ["--resume_from", str(resume_from)] if resume_from else []
+    command = [sys.executable, "-m", "vitlora.compare.measure", str(result_path), str(latency_rounds), *resuming]
+    command += fit_args
     run.run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with atomic_write(run.run_dir / "train.log") as tmp, open(tmp, "w") as log:
+    # train.log is written line by line as the run goes: one can follow it, and a kill keeps it
+    with open(log_path, "a" if resume_from else "w", buffering=1) as log:
+        if resume_from:
+            log.write(f"--- interrupted; continued from {resume_from} ---\n")
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | env
         )
@@ -307,6 +324,15 @@ def measure_run(run: PlannedRun, latency_rounds: int = 10, gpu: str | None = Non
         return read_run(run)
     error = f"exit code {process.returncode}: {_last_words(run.run_dir / 'train.log')}"
     return MethodResult(**_described(run, fit_command), wall_s=wall_s, error=error)
+
+
+def resumable_checkpoint(run: PlannedRun) -> Path | None:
+    """An unfinished run's ``checkpoints/last.ckpt``, when it is whole (a zip archive to its end), else None.
+
+    vitlora writes checkpoints atomically, so an interrupted run's last one is whole; the check guards
+    against a copied or truncated file, which would only make the run start over."""
+    last = run.run_dir / "checkpoints" / "last.ckpt"
+    return last if last.is_file() and zipfile.is_zipfile(last) else None
 
 
 def read_run(run: PlannedRun) -> MethodResult:

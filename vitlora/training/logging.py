@@ -35,6 +35,20 @@ class RunLogger(TensorBoardLogger):
         super().log_metrics(metrics, step)
         self._rows.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
 
+    def keep_earlier_rows(self, step: int) -> None:
+        """Takes back the rows up to ``step`` from this folder's ``metrics.csv``: a fit resumed into the
+        same folder continues its metrics file instead of starting it over."""
+        path = Path(self.log_dir) / "metrics.csv"
+        if not path.is_file():
+            return
+        with open(path, newline="") as handle:
+            earlier = [
+                {"step": int(float(row["step"])), **{k: float(v) for k, v in row.items() if k != "step" and v != ""}}
+                for row in csv.DictReader(handle)
+                if row.get("step") not in (None, "") and int(float(row["step"])) <= step
+            ]
+        self._rows[:0] = earlier
+
     @property
     def rows(self) -> list[dict]:
         """Every logged metric so far, one dict per logging call (``step`` and the metrics)."""
