@@ -73,6 +73,20 @@ def test_validate_and_test_from_the_checkpoint(workspace, lora_run):
     assert (folder / "confusion_matrix.png").is_file() and (folder / "per_class_accuracy.csv").is_file()
 
 
+def test_a_checkpoint_keeps_its_model_settings_and_says_which_asked_ones_it_ignores(workspace, lora_run, capsys):
+    """Lightning applies the checkpoint's hyperparameters over the command line; vitlora names the casualties."""
+    ckpt = str(lora_run / "checkpoints" / "last.ckpt")
+    capsys.readouterr()
+    run(workspace, "validate", "--ckpt_path", ckpt, name="validate_same")
+    assert "ignored" not in capsys.readouterr().err  # the recipe's own settings: nothing overridden
+    run(workspace, "validate", "--ckpt_path", ckpt, name="validate_other", options=("--model.lr", "0.5"))
+    notes = [line for line in capsys.readouterr().err.splitlines() if "keeps the model settings" in line]
+    trained_lr = torch.load(ckpt, weights_only=True)["hyper_parameters"]["lr"]
+    assert notes == [
+        f"note: {ckpt} keeps the model settings it was trained with; ignored: model.lr=0.5 (checkpoint: {trained_lr})"
+    ]
+
+
 def test_grocery_layout_test_reports_coarse_top1_from_the_fine_model(workspace, capsys):
     """Fit and `vitlora test --ckpt_path` on a tiny Grocery-layout folder: 4 fine classes, 3 coarse."""
     grocery = make_grocery_folder(workspace / "grocery")

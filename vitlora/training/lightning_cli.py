@@ -40,6 +40,29 @@ class VitloraCLI(LightningCLI):
             help="also refresh last.ckpt every N optimizer steps: a killed run resumes inside its epoch",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning puts a checkpoint's model settings over the recipe's and the command line's, silently:
+        name those a user asked for (not left at their default) that it overrides, so that a resume with
+        another ``--model.lr`` is not a surprise."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand or not self.config[subcommand].get("ckpt_path"):
+            return super()._parse_ckpt_path()
+        asked = flat_settings(self.config[subcommand].get("model"))
+        defaults = flat_settings(self._subcommand_parsers[subcommand].get_defaults().get("model"))
+        super()._parse_ckpt_path()
+        kept = flat_settings(self.config[subcommand].get("model"))
+        ignored = [
+            f"model.{key}={asked[key]} (checkpoint: {kept[key]})"
+            for key in asked
+            if key in kept and str(asked[key]) != str(kept[key]) and str(asked[key]) != str(defaults.get(key))
+        ]
+        if ignored:
+            print(
+                f"note: {self.config[subcommand].ckpt_path} keeps the model settings it was trained with; "
+                f"ignored: {', '.join(ignored)}",
+                file=sys.stderr,
+            )
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         every_n_steps = self._get(self.config_init, "checkpoint_every_n_steps")
@@ -58,6 +81,18 @@ class VitloraCLI(LightningCLI):
                 file=sys.stderr,
             )
             config.trainer.precision = precision
+
+
+def flat_settings(namespace, prefix: str = "") -> dict[str, object]:
+    """A config namespace (or dict) as ``{"lora.rank": 8, ...}``."""
+    items = namespace.as_dict() if hasattr(namespace, "as_dict") else namespace
+    flat: dict[str, object] = {}
+    for key, value in (items or {}).items():
+        if isinstance(value, dict):
+            flat |= flat_settings(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def native_precision(precision, accelerator) -> str | int | None:
