@@ -87,6 +87,20 @@ def test_a_checkpoint_keeps_its_model_settings_and_says_which_asked_ones_it_igno
     ]
 
 
+def logged_metrics(folder: Path) -> dict[str, float]:
+    """Every metric a run folder's metrics.csv holds (the last value of each)."""
+    return {k: float(v) for row in csv.DictReader((folder / "metrics.csv").open()) for k, v in row.items() if v}
+
+
+def grocery_test_by_hand(ckpt: Path, grocery: Path) -> tuple[ImageClassifier, torch.Tensor, torch.Tensor]:
+    """The checkpoint's model, the Grocery folder's test images as the model sees them, and their coarse labels."""
+    module = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True).eval()
+    transform = eval_transform("vit_tiny_patch16_224", 32)
+    lines = [line.split(", ") for line in (grocery / "test.txt").read_text().splitlines()]
+    images = torch.stack([transform(load_rgb(grocery / path)) for path, _, _ in lines])
+    return module, images, torch.tensor([int(coarse) for _, _, coarse in lines])
+
+
 def test_grocery_layout_test_reports_coarse_top1_from_the_fine_model(workspace, capsys):
     """Fit and `vitlora test --ckpt_path` on a tiny Grocery-layout folder: 4 fine classes, 3 coarse."""
     grocery = make_grocery_folder(workspace / "grocery")
@@ -99,16 +113,13 @@ def test_grocery_layout_test_reports_coarse_top1_from_the_fine_model(workspace, 
         workspace, "test", "--ckpt_path", str(ckpt), name="grocery_test", options=("--data.root", str(grocery))
     )
     assert "test/coarse_top1" in capsys.readouterr().out
-    logged = {k: float(v) for row in csv.DictReader((folder / "metrics.csv").open()) for k, v in row.items() if v}
+    logged = logged_metrics(folder)
 
     # by hand: the checkpoint's fine prediction of each test image, mapped to its coarse class
-    module = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True).eval()
-    transform = eval_transform("vit_tiny_patch16_224", 32)
-    lines = [line.split(", ") for line in (grocery / "test.txt").read_text().splitlines()]
+    module, images, truth = grocery_test_by_hand(ckpt, grocery)
     with torch.no_grad():
-        predicted = module(torch.stack([transform(load_rgb(grocery / path)) for path, _, _ in lines])).argmax(-1)
-    coarse = torch.tensor([0, 0, 1, 2])
-    right = coarse[predicted] == torch.tensor([int(c) for _, _, c in lines])
+        predicted = module(images).argmax(-1)
+    right = torch.tensor([0, 0, 1, 2])[predicted] == truth
     assert logged["test/coarse_top1"] == pytest.approx(right.float().mean().item(), abs=1e-6)
     rows = list(csv.DictReader((folder / "coarse_per_class_accuracy.csv").open()))
     assert [(row["class"], int(row["support"])) for row in rows] == [("Apple", 6), ("Banana", 3), ("Milk", 3)]
@@ -122,16 +133,11 @@ def test_a_coarse_head_trains_beside_the_fine_one_and_test_scores_it(workspace, 
     ckpt = fit / "checkpoints" / "last.ckpt"
     assert {"coarse_head.weight", "coarse_head.bias"} <= set(torch.load(ckpt, weights_only=True)["state_dict"])
     folder = run(workspace, "test", "--ckpt_path", str(ckpt), name="coarse_head_test", options=head[:2])
-    logged = {k: float(v) for row in csv.DictReader((folder / "metrics.csv").open()) for k, v in row.items() if v}
+    logged = logged_metrics(folder)
 
-    module = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True).eval()
-    transform = eval_transform("vit_tiny_patch16_224", 32)
-    lines = [line.split(", ") for line in (grocery / "test.txt").read_text().splitlines()]
+    module, images, truth = grocery_test_by_hand(ckpt, grocery)
     with torch.no_grad():
-        fine, coarse = module.fine_and_coarse_logits(
-            torch.stack([transform(load_rgb(grocery / p)) for p, _, _ in lines])
-        )
-    truth = torch.tensor([int(c) for _, _, c in lines])
+        fine, coarse = module.fine_and_coarse_logits(images)
     assert logged["test/coarse_head_top1"] == pytest.approx(
         (coarse.argmax(-1) == truth).float().mean().item(), abs=1e-6
     )
