@@ -77,7 +77,8 @@ def test_a_checkpoint_keeps_its_model_settings_and_says_which_asked_ones_it_igno
     """Lightning applies the checkpoint's hyperparameters over the command line; vitlora names the casualties."""
     ckpt = str(lora_run / "checkpoints" / "last.ckpt")
     capsys.readouterr()
-    run(workspace, "validate", "--ckpt_path", ckpt, name="validate_same")
+    same_file = ("--model.weights", os.path.relpath(workspace / "base.safetensors"))  # the checkpoint's is absolute
+    run(workspace, "validate", "--ckpt_path", ckpt, name="validate_same", options=same_file)
     assert "ignored" not in capsys.readouterr().err  # the recipe's own settings: nothing overridden
     run(workspace, "validate", "--ckpt_path", ckpt, name="validate_other", options=("--model.lr", "0.5"))
     notes = [line for line in capsys.readouterr().err.splitlines() if "keeps the model settings" in line]
@@ -85,6 +86,17 @@ def test_a_checkpoint_keeps_its_model_settings_and_says_which_asked_ones_it_igno
     assert notes == [
         f"note: {ckpt} keeps the model settings it was trained with; ignored: model.lr=0.5 (checkpoint: {trained_lr})"
     ]
+
+
+def test_how_a_checkpoint_is_scored_is_the_users_choice(workspace, lora_run, capsys):
+    """--model.tta and --model.explain_worst change no weight: on `vitlora test --ckpt_path` they win."""
+    ckpt = str(lora_run / "checkpoints" / "last.ckpt")
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["explain_worst"] == 0
+    scoring = ("--model.explain_worst", "2", "--model.tta", "flip")
+    folder = run(workspace, "test", "--ckpt_path", ckpt, name="test_explained", options=scoring)
+    assert "ignored" not in capsys.readouterr().err
+    assert len(list((folder / "explanations").glob("*.png"))) == 2
+    assert yaml.safe_load((folder / "hparams.yaml").read_text())["tta"] == "flip"
 
 
 def logged_metrics(folder: Path) -> dict[str, float]:

@@ -527,15 +527,18 @@ def whole_zip() -> bytes:
     return buffer.getvalue()
 
 
-def test_a_comparison_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("older_checkpoint", [False, True], ids=["with-measurements", "without-measurements"])
+def test_a_comparison_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, older_checkpoint):
     """Killed at step 9 of 12 (SIGKILL inside the run's process), --resume goes on from the step-8
-    checkpoint to the adapter and metrics file the uninterrupted comparison gets, and keeps the log."""
+    checkpoint to the adapter and metrics file the uninterrupted comparison gets, and keeps the log.
+    A checkpoint without the measurements of its steps (an older vitlora's) still resumes exactly."""
     make_workspace(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(compare_report, "report_charts", lambda results: {})
     method = [MethodSpec("lora", RECIPES / "smoke.yaml", {"model.lora.dropout": 0.2, "data.mixup": 0.8})]
     shared = ["--data.root", str(tmp_path / "data"), "--model.weights", str(tmp_path / "base.safetensors"),
-              "--checkpoint_every_n_steps", "2", "--trainer.limit_train_batches", "null"]  # fmt: skip
+              "--checkpoint_every_n_steps", "2", "--trainer.limit_train_batches", "null",
+              "--trainer.log_every_n_steps", "3"]  # fmt: skip
     settings = {"shared_args": shared, "budget": Budget(max_epochs=2, limit_train_batches=None), "latency_rounds": 1}
     [whole] = compare_methods(method, tmp_path / "whole", **settings)
 
@@ -555,19 +558,29 @@ def test_a_comparison_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_pat
     run_dir = tmp_path / "resumed" / "runs" / "lora"
     killed_log = (run_dir / "train.log").read_text()
     assert "epoch 1/2" in killed_log  # epoch 0 done before the kill, as the log kept it
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if older_checkpoint:
+        checkpoint = torch.load(last, weights_only=True)
+        [measured] = [key for key in checkpoint["callbacks"] if "TrainingMeasurements" in key]
+        del checkpoint["callbacks"][measured]
+        torch.save(checkpoint, last)
 
     [resumed] = compare_methods(method, tmp_path / "resumed", resume=True, **settings)
     assert resumed.ok
     log = (run_dir / "train.log").read_text()
     assert log.startswith(killed_log) and f"continued from {run_dir / 'checkpoints' / 'last.ckpt'}" in log
-    assert any("continued from" in note and "at step 8" in note for note in resumed.notes)
+    [note] = [note for note in resumed.notes if "continued from" in note]
+    assert "at step 8" in note and ("kept no measurements" in note) == older_checkpoint
     adapters = [read_adapter(result.adapter).tensors for result in (whole, resumed)]
     assert any("lora_B" in key for key in adapters[0])
     torch.testing.assert_close(adapters[1], adapters[0], atol=1e-6, rtol=0)
     assert resumed.val == pytest.approx(whole.val, abs=1e-6)
-    assert [point["step"] for point in resumed.curve] == [point["step"] for point in whole.curve] == [6, 12]
-    assert resumed.curve[0]["top1"] == pytest.approx(whole.curve[0]["top1"])  # from before the kill, kept
-    assert resumed.steps == whole.steps == 12 and resumed.step_time_s > 0  # the killed part counted too
+    if older_checkpoint:  # what happened before step 8 is in metrics.csv alone
+        assert [point["step"] for point in resumed.curve] == [12] and resumed.steps == 4
+    else:  # the checkpoint carried the earlier validation and steps over
+        assert [point["step"] for point in resumed.curve] == [point["step"] for point in whole.curve] == [6, 12]
+        assert resumed.curve[0]["top1"] == pytest.approx(whole.curve[0]["top1"])
+        assert resumed.steps == whole.steps == 12 and resumed.step_time_s > 0
 
     def logged(folder: Path) -> list[dict]:
         return list(csv.DictReader((folder / "metrics.csv").read_text().splitlines()))

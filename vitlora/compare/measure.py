@@ -63,6 +63,7 @@ class TrainingMeasurements(Callback):
         self._fit_start = self._batch_end = self._step_start = 0.0
         self._eval_images = 0
         self.resumed_at_step = 0  # where a fit resumed from a checkpoint took over; 0: from the start
+        self.restored = False  # whether that checkpoint kept the measurements of the steps before it
         self._fit_seconds_before = 0.0  # of the part before a resume, as its checkpoint kept them
         self._device = torch.device("cpu")
         self._global_step = 0
@@ -84,6 +85,7 @@ class TrainingMeasurements(Callback):
         self.batch_sizes, self.validations = list(state["batch_sizes"]), list(state["validations"])
         self._fit_seconds_before, self.peak_memory_mb = state["fit_seconds"], state["peak_memory_mb"]
         self.resumed_at_step = self._global_step = state["global_step"]
+        self.restored = True
 
     def on_fit_start(self, trainer, pl_module) -> None:  # after a checkpoint's callback states are loaded
         if self.resumed_at_step and isinstance(trainer.logger, RunLogger):
@@ -253,6 +255,8 @@ def measure_method(
     exactly, and the measurements the checkpoint kept (step times, validations, fit time, peak memory)
     carry on with it."""
     meter = TrainingMeasurements()
+    if resume_from:  # also for a checkpoint that kept no measurements (an older vitlora's)
+        meter.resumed_at_step = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True)["global_step"]
     cli = build_cli(fit_args, run=False, callbacks=[meter])
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
@@ -279,7 +283,11 @@ def measure_method(
     if resume_from:
         notes.append(
             f"continued from {resume_from} at step {meter.resumed_at_step} after an interruption "
-            "(its wall time counts the continuation only)"
+            + (
+                "(its wall time counts the continuation only)"
+                if meter.restored
+                else "(its checkpoint kept no measurements: timings and the curve cover the continuation only)"
+            )
         )
     if checkpoint and module.hparams.method != "full":  # LoRA, prompts, tuned biases, or a probe's head
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
@@ -20,6 +21,8 @@ from vitlora.training.module import ImageClassifier
 from vitlora.training.predictions import PredictionWriter
 from vitlora.training.quiet import quiet_lightning
 from vitlora.training.run_summary import RunSummary
+
+EVALUATION_SETTINGS = ("tta", "explain_worst")  # how a model is scored, not what its weights are
 
 
 class VitloraCLI(LightningCLI):
@@ -41,25 +44,31 @@ class VitloraCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning puts a checkpoint's model settings over the recipe's and the command line's, silently:
-        name those a user asked for (not left at their default) that it overrides, so that a resume with
-        another ``--model.lr`` is not a surprise."""
+        """Lightning puts a checkpoint's model settings over the recipe's and the command line's, so that
+        the weights fit. How the model is scored (EVALUATION_SETTINGS) is the user's to choose: what they
+        asked for wins. Of the rest, name what the checkpoint overrides, so that a resume with another
+        ``--model.lr`` is not a silent surprise."""
         subcommand = self.config.get("subcommand")
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return super()._parse_ckpt_path()
-        asked = flat_settings(self.config[subcommand].get("model"))
+        config = self.config[subcommand]
+        asked = flat_settings(config.get("model"))
         defaults = flat_settings(self._subcommand_parsers[subcommand].get_defaults().get("model"))
         super()._parse_ckpt_path()
-        kept = flat_settings(self.config[subcommand].get("model"))
+        config = self.config[subcommand]
+        chosen = [key for key in asked if not same_setting(asked[key], defaults.get(key))]
+        for key in EVALUATION_SETTINGS:
+            if key in chosen:
+                config[f"model.{key}"] = asked[key]
+        kept = flat_settings(config.get("model"))
         ignored = [
-            f"model.{key}={asked[key]} (checkpoint: {kept[key]})"
-            for key in asked
-            if key in kept and str(asked[key]) != str(kept[key]) and str(asked[key]) != str(defaults.get(key))
+            f"model.{key}={asked[key]} (checkpoint: {kept.get(key, 'none')})"
+            for key in chosen
+            if not same_setting(asked[key], kept.get(key))
         ]
         if ignored:
             print(
-                f"note: {self.config[subcommand].ckpt_path} keeps the model settings it was trained with; "
-                f"ignored: {', '.join(ignored)}",
+                f"note: {config.ckpt_path} keeps the model settings it was trained with; ignored: {', '.join(ignored)}",
                 file=sys.stderr,
             )
 
@@ -81,6 +90,13 @@ class VitloraCLI(LightningCLI):
                 file=sys.stderr,
             )
             config.trainer.precision = precision
+
+
+def same_setting(a: object, b: object) -> bool:
+    """Equal as the config writes them, or as paths (``../weights.safetensors`` and its absolute form)."""
+    if str(a) == str(b):
+        return True
+    return isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
 
 
 def flat_settings(namespace, prefix: str = "") -> dict[str, object]:

@@ -36,8 +36,11 @@ class RunLogger(TensorBoardLogger):
         self._rows.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
 
     def keep_earlier_rows(self, step: int) -> None:
-        """Takes back the rows up to ``step`` from this folder's ``metrics.csv``: a fit resumed into the
-        same folder continues its metrics file instead of starting it over."""
+        """Takes back the rows from before global step ``step`` from this folder's ``metrics.csv``: a fit
+        resumed there from a checkpoint of that step continues its metrics file instead of starting it over.
+
+        Lightning logs a batch's metrics at the step count before its optimizer step, so the rows a
+        checkpoint of step G covers are those logged at steps below G."""
         path = Path(self.log_dir) / "metrics.csv"
         if not path.is_file():
             return
@@ -45,7 +48,7 @@ class RunLogger(TensorBoardLogger):
             earlier = [
                 {"step": int(float(row["step"])), **{k: float(v) for k, v in row.items() if k != "step" and v != ""}}
                 for row in csv.DictReader(handle)
-                if row.get("step") not in (None, "") and int(float(row["step"])) <= step
+                if row.get("step") not in (None, "") and int(float(row["step"])) < step
             ]
         self._rows[:0] = earlier
 

@@ -1,0 +1,32 @@
+"""RunLogger: metrics.csv beside the TensorBoard events, continued by a resumed fit."""
+
+import csv
+
+from vitlora.training.logging import RunLogger
+
+
+def test_metrics_csv_holds_every_logged_row(tmp_path):
+    logger = RunLogger(str(tmp_path), name="run", version="0")
+    logger.log_metrics({"train/loss": 1.5}, step=2)
+    logger.log_metrics({"val/top1": 0.5, "epoch": 0.0}, step=5)
+    logger.save()
+    rows = list(csv.DictReader((tmp_path / "run" / "0" / "metrics.csv").open()))
+    assert rows == [
+        {"step": "2", "train/loss": "1.5", "val/top1": "", "epoch": ""},
+        {"step": "5", "train/loss": "", "val/top1": "0.5", "epoch": "0.0"},
+    ]
+
+
+def test_a_resumed_fit_keeps_the_rows_from_before_its_checkpoint(tmp_path):
+    """Lightning logs a batch's metrics at the step count before its optimizer step: a checkpoint of
+    step 8 covers the rows logged at steps up to 7; the killed run's row at step 8 (batch 9) is logged
+    again by the resumed one, so it is not kept."""
+    killed = RunLogger(str(tmp_path), name="run", version="0")
+    for step in (2, 5, 7, 8):
+        killed.log_metrics({"train/loss": float(step)}, step=step)
+    killed.save()
+    resumed = RunLogger(str(tmp_path), name="run", version="0")
+    resumed.keep_earlier_rows(8)
+    resumed.log_metrics({"train/loss": 80.0}, step=8)
+    assert resumed.rows == [{"step": s, "train/loss": float(s)} for s in (2, 5, 7)] + [{"step": 8, "train/loss": 80.0}]
+    RunLogger(str(tmp_path), name="fresh", version="0").keep_earlier_rows(8)  # nothing to keep: no error
