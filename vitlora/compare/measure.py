@@ -66,7 +66,6 @@ class TrainingMeasurements(Callback):
         self.restored = False  # whether that checkpoint kept the measurements of the steps before it
         self._fit_seconds_before = 0.0  # of the part before a resume, as its checkpoint kept them
         self._device = torch.device("cpu")
-        self._global_step = 0
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps, so that a run resumed from it reports all of its steps and validations."""
@@ -75,7 +74,6 @@ class TrainingMeasurements(Callback):
             "batch_seconds": self.batch_seconds,
             "batch_sizes": self.batch_sizes,
             "validations": self.validations,
-            "global_step": self._global_step,
             "fit_seconds": self._fit_seconds_before + time.perf_counter() - self._fit_start,
             "peak_memory_mb": max(self.peak_memory_mb, peak_memory(self._device)[0]),
         }
@@ -84,7 +82,6 @@ class TrainingMeasurements(Callback):
         self.step_seconds, self.batch_seconds = list(state["step_seconds"]), list(state["batch_seconds"])
         self.batch_sizes, self.validations = list(state["batch_sizes"]), list(state["validations"])
         self._fit_seconds_before, self.peak_memory_mb = state["fit_seconds"], state["peak_memory_mb"]
-        self.resumed_at_step = self._global_step = state["global_step"]
         self.restored = True
 
     def on_fit_start(self, trainer, pl_module) -> None:  # after a checkpoint's callback states are loaded
@@ -113,7 +110,7 @@ class TrainingMeasurements(Callback):
         self.step_seconds.append(now - self._step_start)
         self.batch_seconds.append(now - self._batch_end)
         self.batch_sizes.append(len(batch[0]))
-        self._batch_end, self._global_step = now, trainer.global_step
+        self._batch_end = now
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._eval_images = 0
@@ -255,7 +252,7 @@ def measure_method(
     exactly, and the measurements the checkpoint kept (step times, validations, fit time, peak memory)
     carry on with it."""
     meter = TrainingMeasurements()
-    if resume_from:  # also for a checkpoint that kept no measurements (an older vitlora's)
+    if resume_from:  # from the checkpoint itself: also one that kept no measurements (an older vitlora's)
         meter.resumed_at_step = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True)["global_step"]
     cli = build_cli(fit_args, run=False, callbacks=[meter])
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
