@@ -491,6 +491,29 @@ def test_resume_refuses_other_settings_and_warns_without_saved_ones(tmp_path, fa
         compare_methods([lora], tmp_path, resume=True)  # without folds, runs/lora is one run
 
 
+def test_resume_refuses_an_edited_recipe_but_not_a_new_comment(tmp_path, fake_runs):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((RECIPES / "smoke.yaml").read_text())
+    lora, output = MethodSpec("lora", recipe), tmp_path / "out"
+    compare_methods([lora], output, folds=2)
+    (output / "runs" / "lora" / "fold1" / runner.RESULT_FILE).unlink()
+    recipe.write_text(
+        "# a note on the recipe, and its lines laid out again\n" + recipe.read_text().replace(": ", ":  ")
+    )
+    compare_methods([lora], output, folds=2, resume=True)
+    assert fake_runs[-1] == ("lora fold 1", None)  # the same settings: it resumed
+    recipe.write_text(recipe.read_text().replace("lr:  0.001", "lr:  0.01"))
+    with pytest.raises(ValueError, match=r"methods: lora changed \(its recipe recipe\.yaml was edited since\)"):
+        compare_methods([lora], output, folds=2, resume=True)
+    saved = json.loads((output / runner.SETTINGS_FILE).read_text())
+    for method in saved["methods"]:  # as a comparison started before recipes were fingerprinted saved it
+        del method["recipe_sha256"]
+    (output / runner.SETTINGS_FILE).write_text(json.dumps(saved))
+    compare_methods([lora], output, folds=2, resume=True)
+    assert len(fake_runs) == 3  # both folds read back, and the new fingerprint saved for next time
+    assert json.loads((output / runner.SETTINGS_FILE).read_text())["methods"][0]["recipe_sha256"]
+
+
 def test_resume_reruns_unfinished_runs_from_a_clean_folder(tmp_path, fake_runs):
     methods = [MethodSpec("lora", RECIPES / "smoke.yaml"), MethodSpec("full", RECIPES / "smoke.yaml")]
     compare_methods(methods, tmp_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from vitlora.files import read_state_dict
+from vitlora.files import file_sha256, read_state_dict
 from vitlora.targets import CLASSIFIER_NAMES
 
 
@@ -133,15 +132,6 @@ def hub_unreachable(name: str, timeout: float = 3.0) -> str | None:
     except OSError as error:
         return f"{host} is unreachable ({error})"
     return None
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MB chunks: what identifies a local base weights file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_source(weights: str | Path | None, name: str) -> dict[str, str]:

@@ -8,7 +8,6 @@ kept, so a file on disk is always one that reproduces the model.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -22,7 +21,7 @@ from torch import nn
 
 from vitlora.adapter import Adapter, AdapterError, read_adapter
 from vitlora.apply import build_model_with_adapter
-from vitlora.files import atomic_write, check_output_path
+from vitlora.files import atomic_write, check_output_path, file_sha256
 from vitlora.lora import lora_modules, merge_lora
 from vitlora.targets import input_shape
 from vitlora.validation import with_payload_digest
@@ -106,7 +105,7 @@ def merged_metadata(adapter: Adapter) -> dict[str, str]:
         "bias_tuning": json.dumps(adapter.bias_tuning),
         "base_fingerprint": adapter.base_fingerprint,
         "adapter_file": adapter.path.name,
-        "adapter_sha256": hashlib.sha256(adapter.path.read_bytes()).hexdigest(),
+        "adapter_sha256": file_sha256(adapter.path),
         "timm_version": timm.__version__,
         "torch_version": torch.__version__,
     }

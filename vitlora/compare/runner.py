@@ -8,6 +8,7 @@ so a plain comparison is the one-run case of a cross-validated one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -22,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 from vitlora.compare.config import Budget, MethodSpec, check_same_setup, swept_options
 from vitlora.compare.report import write_report
@@ -82,7 +85,15 @@ def compare_methods(
     check_same_setup(methods)
     slots = run_slots(parallel)
     saved = {
-        "methods": [{"name": m.name, "recipe": str(m.recipe), "overrides": m.overrides} for m in methods],
+        "methods": [
+            {
+                "name": m.name,
+                "recipe": str(m.recipe),
+                "recipe_sha256": recipe_sha256(m.recipe),
+                "overrides": m.overrides,
+            }
+            for m in methods
+        ],
         "shared_args": list(shared_args),
         "budget": asdict(budget),
         "folds": folds,
@@ -218,6 +229,9 @@ def settings_differences(before: dict[str, Any], now: dict[str, Any]) -> list[st
         if key == "methods":
             old = {m["name"]: m for m in before.get(key, [])}
             new = {m["name"]: m for m in now.get(key, [])}
+            for name, method in old.items():  # comparisons saved before recipes were fingerprinted
+                if "recipe_sha256" not in method and name in new:
+                    new[name] = {k: v for k, v in new[name].items() if k != "recipe_sha256"}
             added, gone = [n for n in new if n not in old], [n for n in old if n not in new]
             changed = [n for n in new if n in old and old[n] != new[n]]
             phrases = [f"{label} {names}" for label, names in (("new", added), ("gone", gone)) if names]
@@ -231,7 +245,22 @@ def settings_differences(before: dict[str, Any], now: dict[str, Any]) -> list[st
 
 
 def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
-    return ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in new if old.get(key) != new.get(key))
+    return ", ".join(
+        f"its recipe {Path(new['recipe']).name} was edited since" if key == "recipe_sha256"
+        else f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in new if old.get(key) != new.get(key)
+    )  # fmt: skip
+
+
+def recipe_sha256(recipe: Path) -> str | None:
+    """A fingerprint of the recipe's settings, comments and layout aside, so --resume notices an edited recipe.
+
+    None when it cannot be read as YAML: the run itself then says what is wrong with it."""
+    try:
+        settings = yaml.safe_load(Path(recipe).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def visible_gpus() -> list[str]:
