@@ -18,6 +18,7 @@ import torch
 import yaml
 from conftest import make_workspace
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vitlora import count_parameters, read_adapter
 from vitlora.charts import SIZE
@@ -614,6 +615,15 @@ def test_a_comparison_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_pat
         assert {k: float(v) for k, v in resumed_row.items() if v} == pytest.approx(
             {k: float(v) for k, v in whole_row.items() if v}, abs=1e-5
         )
+
+    def tensorboard(folder: Path) -> list[tuple[int, float]]:  # the killed run's later events purged
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        return [(event.step, event.value) for event in events.Scalars("train/loss")]
+
+    whole_events, resumed_events = tensorboard(tmp_path / "whole" / "runs" / "lora"), tensorboard(run_dir)
+    assert [step for step, _ in resumed_events] == [step for step, _ in whole_events] and len(whole_events) > 2
+    assert [value for _, value in resumed_events] == pytest.approx([value for _, value in whole_events], abs=1e-5)
 
 
 def test_runs_go_one_per_gpu_at_most_parallel_at_once_and_results_keep_config_order(tmp_path, monkeypatch):

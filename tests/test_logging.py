@@ -2,6 +2,9 @@
 
 import csv
 
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from vitlora.training.logging import RunLogger
 
 
@@ -26,7 +29,26 @@ def test_a_resumed_fit_keeps_the_rows_from_before_its_checkpoint(tmp_path):
         killed.log_metrics({"train/loss": float(step)}, step=step)
     killed.save()
     resumed = RunLogger(str(tmp_path), name="run", version="0")
-    resumed.keep_earlier_rows(8)
+    resumed.continue_at(8)
     resumed.log_metrics({"train/loss": 80.0}, step=8)
     assert resumed.rows == [{"step": s, "train/loss": float(s)} for s in (2, 5, 7)] + [{"step": 8, "train/loss": 80.0}]
-    RunLogger(str(tmp_path), name="fresh", version="0").keep_earlier_rows(8)  # nothing to keep: no error
+    RunLogger(str(tmp_path), name="fresh", version="0").continue_at(8)  # nothing to keep: no error
+
+
+@pytest.mark.parametrize("writer_open", [False, True], ids=["writer-not-yet-open", "writer-already-open"])
+def test_a_resumed_fit_replaces_the_interrupted_runs_later_tensorboard_events(tmp_path, writer_open):
+    killed = RunLogger(str(tmp_path), name="run", version="0")
+    for step in (2, 5, 7, 8, 9):
+        killed.log_metrics({"train/loss": float(step)}, step=step)
+    killed.finalize("success")
+    resumed = RunLogger(str(tmp_path), name="run", version="0")
+    if writer_open:
+        resumed.log_hyperparams({"lr": 0.1})
+    resumed.continue_at(8)
+    for step in (8, 9, 10):
+        resumed.log_metrics({"train/loss": 10.0 * step}, step=step)
+    resumed.finalize("success")
+    events = EventAccumulator(str(tmp_path / "run" / "0"))
+    events.Reload()
+    logged = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    assert logged == [(2, 2.0), (5, 5.0), (7, 7.0), (8, 80.0), (9, 90.0), (10, 100.0)]

@@ -86,7 +86,7 @@ class TrainingMeasurements(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:  # after a checkpoint's callback states are loaded
         if self.resumed_at_step and isinstance(trainer.logger, RunLogger):
-            trainer.logger.keep_earlier_rows(self.resumed_at_step)
+            trainer.logger.continue_at(self.resumed_at_step)
         self._device = trainer.strategy.root_device
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)

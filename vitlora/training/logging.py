@@ -35,12 +35,17 @@ class RunLogger(TensorBoardLogger):
         super().log_metrics(metrics, step)
         self._rows.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
 
-    def keep_earlier_rows(self, step: int) -> None:
-        """Takes back the rows from before global step ``step`` from this folder's ``metrics.csv``: a fit
-        resumed there from a checkpoint of that step continues its metrics file instead of starting it over.
+    def continue_at(self, step: int) -> None:
+        """Continues this folder's logs at global step ``step``, where a fit resumed from a checkpoint:
+        ``metrics.csv`` keeps its rows from before that step, and TensorBoard drops the interrupted
+        run's events from that step on (they are logged again), instead of showing both.
 
         Lightning logs a batch's metrics at the step count before its optimizer step, so the rows a
         checkpoint of step G covers are those logged at steps below G."""
+        if self._experiment is not None:  # reopened: purge_step only acts when a writer starts
+            self._experiment.close()
+            self._experiment = None
+        self._kwargs["purge_step"] = step
         path = Path(self.log_dir) / "metrics.csv"
         if not path.is_file():
             return
