@@ -112,18 +112,7 @@ def compare_methods(
         "folds": folds if folds > 1 else 0,
         "grid": swept_options(methods),
     }
-    done = {index: read_run(run) for index, run in enumerate(runs) if run.finished}
-    pending = [index for index in range(len(runs)) if index not in done]
-    interrupted = {index: last for index in pending if resume and (last := resumable_checkpoint(runs[index]))}
-    if done or interrupted:
-        print(
-            f"resuming {output}: {len(done)} of {len(runs)} runs finished, {len(pending)} to go"
-            + (f" ({len(interrupted)} continued from their last checkpoint)" if interrupted else ""),
-            flush=True,
-        )
-    for index in pending:  # a run without a checkpoint to go on from starts over in a clean folder
-        if index not in interrupted:
-            shutil.rmtree(runs[index].run_dir, ignore_errors=True)
+    done, pending, interrupted = take_stock(runs, output, resume)
 
     def launch(index: int, gpu: str | None) -> MethodResult:
         run, number = runs[index], f"[{index + 1}/{len(runs)}]"
@@ -141,6 +130,27 @@ def compare_methods(
     if not pending:
         write_report(output, results, settings)
     return results
+
+
+def take_stock(
+    runs: Sequence[PlannedRun], output: Path, resume: bool
+) -> tuple[dict[int, MethodResult], list[int], dict[int, Path]]:
+    """What is left to do (by index in ``runs``): the finished runs' results, the runs to go, and of
+    those the ones to continue from their last checkpoint (``resume`` only). The other runs to go start
+    over in a clean folder."""
+    done = {index: read_run(run) for index, run in enumerate(runs) if run.finished}
+    pending = [index for index in range(len(runs)) if index not in done]
+    interrupted = {index: last for index in pending if resume and (last := resumable_checkpoint(runs[index]))}
+    if done or interrupted:
+        print(
+            f"resuming {output}: {len(done)} of {len(runs)} runs finished, {len(pending)} to go"
+            + (f" ({len(interrupted)} continued from their last checkpoint)" if interrupted else ""),
+            flush=True,
+        )
+    for index in pending:
+        if index not in interrupted:
+            shutil.rmtree(runs[index].run_dir, ignore_errors=True)
+    return done, pending, interrupted
 
 
 def plan_runs(
