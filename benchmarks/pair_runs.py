@@ -1,0 +1,74 @@
+"""Pair two methods' cross-validated runs from two `vitlora compare` outputs, image by image.
+
+    python benchmarks/pair_runs.py /work/confirm/runs/lora.img_size-224 /work/confirm_full/runs/full
+
+One comparison holding both methods pairs them in its report; this does the same for methods trained
+by separate comparisons on the same folds (same recipe seed, `--folds`, `--data.fold_by`), e.g. a
+confirmation of LoRA and a later one of full fine-tuning. Only folds finished in both are paired, and
+a fold whose held-out photos differ between the two is refused: the runs were not on the same folds.
+Per fold and pooled: each method's top-1, the difference, McNemar's exact p and a paired bootstrap
+interval (vitlora.compare.paired, as the report computes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vitlora.compare.paired import paired_comparison, read_correct
+from vitlora.compare.result import PREDICTIONS_FILE
+
+VAL_PREDICTIONS = PREDICTIONS_FILE.format(split="val")
+
+
+def finished_folds(method_dir: Path) -> dict[int, Path]:
+    """Fold number -> predictions file, for the fold runs of a method that finished."""
+    return {
+        int(run.name.removeprefix("fold")): run / VAL_PREDICTIONS
+        for run in sorted(method_dir.glob("fold*"))
+        if (run / "measurements.json").is_file() and (run / VAL_PREDICTIONS).is_file()
+    }
+
+
+def pair_rows(first_dir: Path, second_dir: Path) -> list[tuple[str, object]]:
+    """(label, PairedComparison) per fold finished in both, then pooled over those folds."""
+    first, second = finished_folds(first_dir), finished_folds(second_dir)
+    shared = sorted(first.keys() & second.keys())
+    if not shared:
+        raise SystemExit(
+            f"pair_runs: no fold finished in both {first_dir} ({sorted(first)}) and {second_dir} ({sorted(second)})."
+        )
+    rows, pooled_first, pooled_second = [], {}, {}
+    for fold in shared:
+        a, b = read_correct([first[fold]]), read_correct([second[fold]])
+        if a.keys() != b.keys():
+            raise SystemExit(f"pair_runs: fold {fold} holds out other photos in {first[fold]} than in {second[fold]}.")
+        rows.append((f"fold {fold}", paired_comparison(a, b)))
+        pooled_first |= a
+        pooled_second |= b
+    if len(shared) > 1:
+        rows.append((f"pooled ({len(shared)} folds)", paired_comparison(pooled_first, pooled_second)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("first", type=Path, help="a method's folder of fold runs: <output>/runs/<method>")
+    parser.add_argument("second", type=Path, help="the other method's, trained on the same folds")
+    args = parser.parse_args()
+    rows = pair_rows(args.first, args.second)
+    print(
+        f"| folds | photos | {args.first.name} | {args.second.name} | difference (95% interval) | only first / only second right | McNemar p |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for label, pair in rows:
+        low, high = pair.interval
+        print(
+            f"| {label} | {pair.images:,} | {100 * pair.first_accuracy:.1f} | {100 * pair.second_accuracy:.1f} | "
+            f"{100 * pair.difference:+.1f} ({100 * low:+.1f} to {100 * high:+.1f}) | "
+            f"{pair.first_only} / {pair.second_only} | {pair.p_value:.2g} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
