@@ -9,11 +9,11 @@ import vitlora.backbone as backbone
 from vitlora.backbone import (
     WeightsUnavailable,
     create_backbone,
-    file_sha256,
     hub_unreachable,
     recorded_weights,
     weights_source,
 )
+from vitlora.files import file_sha256
 
 
 def test_a_local_source_records_its_absolute_path_name_and_hash(tmp_path, monkeypatch):

@@ -492,7 +492,7 @@ def test_resume_refuses_other_settings_and_warns_without_saved_ones(tmp_path, fa
         compare_methods([lora], tmp_path, resume=True)  # without folds, runs/lora is one run
 
 
-def test_resume_refuses_an_edited_recipe_but_not_a_new_comment(tmp_path, fake_runs):
+def test_resume_refuses_an_edited_recipe_but_not_a_new_comment(tmp_path, fake_runs, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text((RECIPES / "smoke.yaml").read_text())
     lora, output = MethodSpec("lora", recipe), tmp_path / "out"
@@ -511,6 +511,7 @@ def test_resume_refuses_an_edited_recipe_but_not_a_new_comment(tmp_path, fake_ru
         del method["recipe_sha256"]
     (output / runner.SETTINGS_FILE).write_text(json.dumps(saved))
     compare_methods([lora], output, folds=2, resume=True)
+    assert "predates recipe fingerprints" in capsys.readouterr().err
     assert len(fake_runs) == 3  # both folds read back, and the new fingerprint saved for next time
     assert json.loads((output / runner.SETTINGS_FILE).read_text())["methods"][0]["recipe_sha256"]
 
@@ -616,14 +617,16 @@ def test_a_comparison_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_pat
             {k: float(v) for k, v in whole_row.items() if v}, abs=1e-5
         )
 
-    def tensorboard(folder: Path) -> list[tuple[int, float]]:  # the killed run's later events purged
+    def tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:  # the killed run's later events purged
         events = EventAccumulator(str(folder))
         events.Reload()
-        return [(event.step, event.value) for event in events.Scalars("train/loss")]
+        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
     whole_events, resumed_events = tensorboard(tmp_path / "whole" / "runs" / "lora"), tensorboard(run_dir)
-    assert [step for step, _ in resumed_events] == [step for step, _ in whole_events] and len(whole_events) > 2
-    assert [value for _, value in resumed_events] == pytest.approx([value for _, value in whole_events], abs=1e-5)
+    assert resumed_events.keys() == whole_events.keys() and {"train/loss", "val/top1"} <= whole_events.keys()
+    for tag, scalars in whole_events.items():
+        assert [step for step, _ in resumed_events[tag]] == [step for step, _ in scalars], tag
+        assert [value for _, value in resumed_events[tag]] == pytest.approx([value for _, value in scalars], abs=1e-5)
 
 
 def test_runs_go_one_per_gpu_at_most_parallel_at_once_and_results_keep_config_order(tmp_path, monkeypatch):

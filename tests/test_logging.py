@@ -41,14 +41,19 @@ def test_a_resumed_fit_replaces_the_interrupted_runs_later_tensorboard_events(tm
     for step in (2, 5, 7, 8, 9):
         killed.log_metrics({"train/loss": float(step)}, step=step)
     killed.finalize("success")
+    folder = tmp_path / "run" / "0"
+    prefix = "events.out.tfevents."  # then the time in 10 digits: files are read in name order
+    for events in folder.glob(prefix + "*"):  # dated earlier, as a killed process's file is
+        events.rename(folder / (prefix + "0000000001" + events.name[len(prefix) + 10 :]))
     resumed = RunLogger(str(tmp_path), name="run", version="0")
     if writer_open:
-        resumed.log_hyperparams({"lr": 0.1})
+        assert resumed.experiment is not None and resumed._experiment is not None
     resumed.continue_at(8)
+    assert "purge_step" not in resumed._kwargs  # a later writer of this logger does not purge again
     for step in (8, 9, 10):
         resumed.log_metrics({"train/loss": 10.0 * step}, step=step)
     resumed.finalize("success")
-    events = EventAccumulator(str(tmp_path / "run" / "0"))
+    events = EventAccumulator(str(folder))
     events.Reload()
     logged = [(event.step, event.value) for event in events.Scalars("train/loss")]
     assert logged == [(2, 2.0), (5, 5.0), (7, 7.0), (8, 80.0), (9, 90.0), (10, 100.0)]

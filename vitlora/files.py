@@ -38,7 +38,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MB chunks: what identifies a base weights file, an adapter, a recipe."""
+    """SHA-256 of a file, read in 1 MB chunks: what identifies a base weights file or an adapter."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -73,7 +74,7 @@ def load_compare_config(
     ``only``: these entries of ``methods:``, in this order (each with all its grid combinations);
     ``grid``: more options to sweep, replacing the file's values for the same option (``--grid``)."""
     path = Path(path)
-    config = _read_yaml(path)
+    config = read_yaml(path)
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a compare config is a mapping with the keys {', '.join(CONFIG_KEYS)}.")
     unknown = sorted(set(config) - set(CONFIG_KEYS))
@@ -178,7 +179,7 @@ def check_same_setup(methods: Sequence[MethodSpec]) -> None:
     swept = swept_options(methods)
     views = {}
     for method in methods:
-        recipe = _read_yaml(method.recipe)
+        recipe = read_yaml(method.recipe)
         if not isinstance(recipe, dict):
             raise ValueError(
                 f"{method.recipe}: a recipe is a mapping of settings (seed_everything, trainer, model, data)."
@@ -227,13 +228,20 @@ def _value_label(value: Any) -> str:
     return NOT_IN_NAMES.sub("_", text).strip("_") or "_"
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a missing or malformed file is a ValueError naming it."""
     if not path.is_file():
         raise ValueError(f"{path}: no such file.")
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML ({error}).") from error
+
+
+def recipe_fingerprint(recipe: Path) -> str:
+    """SHA-256 of a recipe's settings, comments and layout aside: what tells --resume the recipe was edited."""
+    settings = json.dumps(read_yaml(Path(recipe)), sort_keys=True, default=str)
+    return hashlib.sha256(settings.encode()).hexdigest()
 
 
 def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

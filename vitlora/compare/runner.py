@@ -8,7 +8,6 @@ so a plain comparison is the one-run case of a cross-validated one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -24,9 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
-from vitlora.compare.config import Budget, MethodSpec, check_same_setup, swept_options
+from vitlora.compare.config import Budget, MethodSpec, check_same_setup, recipe_fingerprint, swept_options
 from vitlora.compare.report import write_report
 from vitlora.compare.result import PREDICTIONS_FILE, MethodResult, combine_runs
 from vitlora.files import atomic_write
@@ -89,7 +86,7 @@ def compare_methods(
             {
                 "name": m.name,
                 "recipe": str(m.recipe),
-                "recipe_sha256": recipe_sha256(m.recipe),
+                "recipe_sha256": recipe_fingerprint(m.recipe),
                 "overrides": m.overrides,
             }
             for m in methods
@@ -210,7 +207,14 @@ def check_output(output: Path, runs: Sequence[PlannedRun], saved: dict[str, Any]
     finished = sorted(output.glob(f"runs/**/{RESULT_FILE}"))
     settings_path = output / SETTINGS_FILE
     if settings_path.is_file():
-        differences = settings_differences(_read_json(settings_path), saved)
+        before = _read_json(settings_path)
+        if any("recipe_sha256" not in method for method in before.get("methods", [])):
+            print(
+                f"vitlora compare: warning: {settings_path} predates recipe fingerprints: an edit to a recipe "
+                "made before this resume is not noticed (later ones are).",
+                file=sys.stderr,
+            )
+        differences = settings_differences(before, saved)
         if differences:
             raise ValueError(
                 f"{output}: --resume with other settings than {SETTINGS_FILE} records: {'; '.join(differences)}."
@@ -239,7 +243,7 @@ def settings_differences(before: dict[str, Any], now: dict[str, Any]) -> list[st
         if key == "methods":
             old = {m["name"]: m for m in before.get(key, [])}
             new = {m["name"]: m for m in now.get(key, [])}
-            for name, method in old.items():  # comparisons saved before recipes were fingerprinted
+            for name, method in old.items():  # saved before recipes were fingerprinted: nothing to check
                 if "recipe_sha256" not in method and name in new:
                     new[name] = {k: v for k, v in new[name].items() if k != "recipe_sha256"}
             added, gone = [n for n in new if n not in old], [n for n in old if n not in new]
@@ -260,17 +264,6 @@ def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
         else f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in new if old.get(key) != new.get(key)
     )  # fmt: skip
-
-
-def recipe_sha256(recipe: Path) -> str | None:
-    """A fingerprint of the recipe's settings, comments and layout aside, so --resume notices an edited recipe.
-
-    None when it cannot be read as YAML: the run itself then says what is wrong with it."""
-    try:
-        settings = yaml.safe_load(Path(recipe).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def visible_gpus() -> list[str]:

@@ -35,6 +35,7 @@ class RunLogger(TensorBoardLogger):
         super().log_metrics(metrics, step)
         self._rows.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
 
+    @rank_zero_only
     def continue_at(self, step: int) -> None:
         """Continues this folder's logs at global step ``step``, where a fit resumed from a checkpoint:
         ``metrics.csv`` keeps its rows from before that step, and TensorBoard drops the interrupted
@@ -42,10 +43,14 @@ class RunLogger(TensorBoardLogger):
 
         Lightning logs a batch's metrics at the step count before its optimizer step, so the rows a
         checkpoint of step G covers are those logged at steps below G."""
-        if self._experiment is not None:  # reopened: purge_step only acts when a writer starts
+        if self._experiment is not None:  # purge_step acts only when a writer starts
             self._experiment.close()
             self._experiment = None
         self._kwargs["purge_step"] = step
+        try:
+            self.experiment  # noqa: B018 (starts the writer now, which purges)
+        finally:
+            del self._kwargs["purge_step"]  # a writer this logger starts later must not purge again
         path = Path(self.log_dir) / "metrics.csv"
         if not path.is_file():
             return
