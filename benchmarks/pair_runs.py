@@ -1,6 +1,6 @@
 """Pair two methods' cross-validated runs from two `vitlora compare` outputs, image by image.
 
-    python benchmarks/pair_runs.py /work/confirm/runs/lora.img_size-224 /work/confirm_full/runs/full
+    python benchmarks/pair_runs.py comparisons/confirm/runs/lora comparisons/confirm_full/runs/full
 
 One comparison holding both methods pairs them in its report; this does the same for methods trained
 by separate comparisons on the same folds (same recipe seed, `--folds`, `--data.fold_by`), e.g. a
@@ -13,24 +13,28 @@ interval (vitlora.compare.paired, as the report computes them).
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
-from vitlora.compare.paired import paired_comparison, read_correct
+from vitlora.compare.paired import PairedComparison, paired_comparison, read_correct
 from vitlora.compare.result import PREDICTIONS_FILE
+from vitlora.compare.runner import RESULT_FILE
 
 VAL_PREDICTIONS = PREDICTIONS_FILE.format(split="val")
+FOLD_RUN = re.compile(r"fold(\d+)")
 
 
 def finished_folds(method_dir: Path) -> dict[int, Path]:
     """Fold number -> predictions file, for the fold runs of a method that finished."""
     return {
-        int(run.name.removeprefix("fold")): run / VAL_PREDICTIONS
-        for run in sorted(method_dir.glob("fold*"))
-        if (run / "measurements.json").is_file() and (run / VAL_PREDICTIONS).is_file()
+        int(match[1]): run / VAL_PREDICTIONS
+        for run in sorted(method_dir.iterdir())
+        if run.is_dir() and (match := FOLD_RUN.fullmatch(run.name))
+        if (run / RESULT_FILE).is_file() and (run / VAL_PREDICTIONS).is_file()
     }
 
 
-def pair_rows(first_dir: Path, second_dir: Path) -> list[tuple[str, object]]:
+def pair_rows(first_dir: Path, second_dir: Path) -> list[tuple[str, PairedComparison]]:
     """(label, PairedComparison) per fold finished in both, then pooled over those folds."""
     first, second = finished_folds(first_dir), finished_folds(second_dir)
     shared = sorted(first.keys() & second.keys())
@@ -42,7 +46,10 @@ def pair_rows(first_dir: Path, second_dir: Path) -> list[tuple[str, object]]:
     for fold in shared:
         a, b = read_correct([first[fold]]), read_correct([second[fold]])
         if a.keys() != b.keys():
-            raise SystemExit(f"pair_runs: fold {fold} holds out other photos in {first[fold]} than in {second[fold]}.")
+            raise SystemExit(
+                f"pair_runs: fold {fold} holds out other photos in {first[fold]} than in {second[fold]} "
+                "(other folds, or another --data.root: photos are named by their path)."
+            )
         rows.append((f"fold {fold}", paired_comparison(a, b)))
         pooled_first |= a
         pooled_second |= b
