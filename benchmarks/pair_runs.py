@@ -26,6 +26,8 @@ FOLD_RUN = re.compile(r"fold(\d+)")
 
 def finished_folds(method_dir: Path) -> dict[int, Path]:
     """Fold number -> predictions file, for the fold runs of a method that finished."""
+    if not method_dir.is_dir():
+        raise SystemExit(f"pair_runs: {method_dir}: no such folder; give <output>/runs/<method>.")
     return {
         int(match[1]): run / VAL_PREDICTIONS
         for run in sorted(method_dir.iterdir())
@@ -63,7 +65,10 @@ def main() -> None:
     parser.add_argument("first", type=Path, help="a method's folder of fold runs: <output>/runs/<method>")
     parser.add_argument("second", type=Path, help="the other method's, trained on the same folds")
     args = parser.parse_args()
-    rows = pair_rows(args.first, args.second)
+    try:
+        rows = pair_rows(args.first, args.second)
+    except ValueError as error:  # an unreadable predictions file, named in the message
+        raise SystemExit(f"pair_runs: {error}") from None
     print(
         f"| folds | photos | {args.first.name} | {args.second.name} | difference (95% interval) | only first / only second right | McNemar p |"
     )
