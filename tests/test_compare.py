@@ -35,6 +35,7 @@ from vitlora.compare import (
 )
 from vitlora.compare import report as compare_report
 from vitlora.compare.config import check_same_setup, expand_grid, parse_grid_option, swept_options
+from vitlora.compare.paired import paired_by_fold
 from vitlora.compare.reading import standard_error, standings
 from vitlora.compare.result import combine_runs
 from vitlora.compare.runner import visible_gpus
@@ -405,6 +406,25 @@ def test_resume_reruns_exactly_the_run_without_measurements(cross_validated):
     assert report["methods"][0]["runs"][0] == first["methods"][0]["runs"][0]
     assert report["methods"][0]["val_images"] == 33
     assert (output / "runs" / "lora" / "fold1" / "measurements.json").is_file()
+
+
+def test_finished_fold_predictions_are_what_a_later_comparison_pairs_with(cross_validated, tmp_path):
+    output, *_ = cross_validated
+    method_dir = output / "runs" / "lora"
+    found = runner.finished_fold_predictions(method_dir)
+    assert found == {k: method_dir / f"fold{k}" / "val_predictions.csv" for k in (0, 1)}
+    rows = paired_by_fold(found, found)  # a method against itself: every image agrees
+    assert rows[-1][0] == "pooled (2 folds)" and rows[-1][1].images == 33
+    assert rows[-1][1].first_only == rows[-1][1].second_only == 0
+    unfinished = tmp_path / "runs" / "full"
+    for name in ("fold0", "fold1", "fold12", "folds", "notes"):  # fold1 still training; others not fold runs
+        (unfinished / name).mkdir(parents=True)
+        (unfinished / name / "val_predictions.csv").write_text("path,label,predicted\n")
+        (unfinished / name / runner.RESULT_FILE).write_text("{}")
+    (unfinished / "fold1" / runner.RESULT_FILE).unlink()
+    assert sorted(runner.finished_fold_predictions(unfinished)) == [0, 12]
+    with pytest.raises(ValueError, match=r"runs/nothing: no such folder \(a method's fold runs are in"):
+        runner.finished_fold_predictions(tmp_path / "runs" / "nothing")
 
 
 def fake_result(run, **fields) -> MethodResult:

@@ -11,7 +11,7 @@ import torch
 
 from vitlora.compare import MethodResult, comparison_reading
 from vitlora.compare.measure import write_predictions
-from vitlora.compare.paired import bootstrap_interval, mcnemar_p, paired_comparison, read_correct
+from vitlora.compare.paired import bootstrap_interval, mcnemar_p, paired_by_fold, paired_comparison, read_correct
 from vitlora.compare.report import write_report
 
 # --- McNemar's exact test -------------------------------------------------------------------
@@ -156,6 +156,30 @@ def test_read_correct_refuses_an_image_in_two_folds_and_a_missing_file(tmp_path)
         read_correct([first, second])
     with pytest.raises(ValueError, match=rf"^{tmp_path / 'gone.csv'}: cannot read predictions"):
         read_correct([tmp_path / "gone.csv"])
+
+
+def test_paired_by_fold_pairs_each_shared_fold_then_pools_them(tmp_path):
+    """Folds 0 and 1 finished for both, fold 2 for the first only: it is left out, not half-paired."""
+    lora = {0: predictions(tmp_path / "l0.csv", [True, True, False]), 1: predictions(tmp_path / "l1.csv", [True], 3)}
+    lora[2] = predictions(tmp_path / "l2.csv", [True], 4)
+    full = {0: predictions(tmp_path / "f0.csv", [True, False, False]), 1: predictions(tmp_path / "f1.csv", [False], 3)}
+    rows = paired_by_fold(lora, full)
+    assert [label for label, _ in rows] == ["fold 0", "fold 1", "pooled (2 folds)"]
+    fold0, fold1, pooled = (pair for _, pair in rows)
+    assert (fold0.images, fold0.first_only, fold0.second_only, fold0.difference) == (3, 1, 0, pytest.approx(1 / 3))
+    assert (fold1.images, fold1.first_only, fold1.second_only) == (1, 1, 0)
+    assert pooled == paired_comparison(read_correct([lora[0], lora[1]]), read_correct([full[0], full[1]]))
+    assert (pooled.images, pooled.first_accuracy, pooled.second_accuracy) == (4, 3 / 4, 1 / 4)
+    assert [label for label, _ in paired_by_fold({0: lora[0]}, {0: full[0]})] == ["fold 0"]  # one fold: no pool
+
+
+def test_paired_by_fold_refuses_folds_that_hold_out_other_images(tmp_path):
+    first = {0: predictions(tmp_path / "a.csv", [True, True])}
+    shifted = {0: predictions(tmp_path / "b.csv", [True, True], first_image=1)}
+    with pytest.raises(ValueError, match=rf"^Fold 0 holds out other images in {first[0]} than in {shifted[0]} "):
+        paired_by_fold(first, shifted)
+    with pytest.raises(ValueError, match=r"No fold finished for both methods \(folds \[0\] and \[1\]\)"):
+        paired_by_fold(first, {1: shifted[0]})
 
 
 # --- the reading and the report -------------------------------------------------------------

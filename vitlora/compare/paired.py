@@ -201,3 +201,40 @@ def paired_comparison(
         second_only=second_only,
         p_value=mcnemar_p(first_only, second_only),
     )
+
+
+def paired_by_fold(
+    first: Mapping[int, str | os.PathLike], second: Mapping[int, str | os.PathLike]
+) -> list[tuple[str, PairedComparison]]:
+    """Two methods cross-validated on the same folds in separate comparisons, paired fold by fold and pooled.
+
+    Args:
+        first: fold number -> that fold's predictions file, for one method.
+        second: the same for the other method.
+
+    Returns:
+        ("fold k", comparison) for each fold in both, then ("pooled (n folds)", comparison) over them
+        when there are several.
+
+    Raises:
+        ValueError: no fold in both; a fold whose files score other images (the two were not split alike:
+            other folds, or another spelling of the data root, as images are named by their path); or as
+            read_correct.
+    """
+    shared = sorted(first.keys() & second.keys())
+    if not shared:
+        raise ValueError(f"No fold finished for both methods (folds {sorted(first)} and {sorted(second)}).")
+    rows, pooled_first, pooled_second = [], {}, {}
+    for fold in shared:
+        a, b = read_correct([first[fold]]), read_correct([second[fold]])
+        if a.keys() != b.keys():
+            raise ValueError(
+                f"Fold {fold} holds out other images in {first[fold]} than in {second[fold]} (other folds, "
+                "or another spelling of --data.root: images are named by their path)."
+            )
+        rows.append((f"fold {fold}", paired_comparison(a, b)))
+        pooled_first |= a
+        pooled_second |= b
+    if len(shared) > 1:
+        rows.append((f"pooled ({len(shared)} folds)", paired_comparison(pooled_first, pooled_second)))
+    return rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shlex
 import shutil
 import subprocess
@@ -177,6 +178,18 @@ def plan_runs(
             ]  # fmt: skip
             runs.append(PlannedRun(method, fold, run_dir, tuple(fit_args)))
     return runs
+
+
+def finished_fold_predictions(method_dir: Path) -> dict[int, Path]:
+    """Fold number -> val predictions file, for each fold run of a method (``runs/<method>``) that finished."""
+    if not method_dir.is_dir():
+        raise ValueError(f"{method_dir}: no such folder (a method's fold runs are in <output>/runs/<method>).")
+    predictions = PREDICTIONS_FILE.format(split="val")
+    return {
+        int(run.name.removeprefix("fold")): run / predictions
+        for run in method_dir.iterdir()
+        if re.fullmatch(r"fold\d+", run.name) and (run / RESULT_FILE).is_file() and (run / predictions).is_file()
+    }
 
 
 def method_results(
