@@ -180,6 +180,9 @@ def test_paired_by_fold_refuses_folds_that_hold_out_other_images(tmp_path):
         paired_by_fold(first, shifted)
     with pytest.raises(ValueError, match=r"No fold finished for both methods \(folds \[0\] and \[1\]\)"):
         paired_by_fold(first, {1: shifted[0]})
+    twice = {0: first[0], 1: predictions(tmp_path / "c.csv", [False], first_image=1)}  # img1 in both folds
+    with pytest.raises(ValueError, match=r"line 2: data/img1\.jpg is already scored in .*a\.csv"):
+        paired_by_fold(twice, twice)
 
 
 # --- the reading and the report -------------------------------------------------------------

@@ -224,7 +224,7 @@ def paired_by_fold(
     shared = sorted(first.keys() & second.keys())
     if not shared:
         raise ValueError(f"No fold finished for both methods (folds {sorted(first)} and {sorted(second)}).")
-    rows, pooled_first, pooled_second = [], {}, {}
+    rows = []
     for fold in shared:
         a, b = read_correct([first[fold]]), read_correct([second[fold]])
         if a.keys() != b.keys():
@@ -233,8 +233,7 @@ def paired_by_fold(
                 "or another spelling of --data.root: images are named by their path)."
             )
         rows.append((f"fold {fold}", paired_comparison(a, b)))
-        pooled_first |= a
-        pooled_second |= b
-    if len(shared) > 1:
-        rows.append((f"pooled ({len(shared)} folds)", paired_comparison(pooled_first, pooled_second)))
+    if len(shared) > 1:  # read_correct pools as the report does: an image held out by two folds is refused
+        pooled = [read_correct([files[fold] for fold in shared]) for files in (first, second)]
+        rows.append((f"pooled ({len(shared)} folds)", paired_comparison(*pooled)))
     return rows
