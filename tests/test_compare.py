@@ -716,6 +716,17 @@ def test_a_run_on_a_gpu_sees_only_that_gpu_and_trains_on_one_device(tmp_path, mo
     assert "--trainer.devices" not in seen["command"]
 
 
+def test_folds_are_planned_outermost_so_a_stopped_cross_validation_pairs_what_landed(tmp_path):
+    methods = [MethodSpec("lora", RECIPES / "smoke.yaml"), MethodSpec("full", RECIPES / "smoke.yaml")]
+    runs = runner.plan_runs(methods, tmp_path, folds=3)
+    assert [run.label for run in runs] == [
+        "lora fold 0", "full fold 0", "lora fold 1", "full fold 1", "lora fold 2", "full fold 2",
+    ]  # fmt: skip
+    assert runs[3].run_dir == tmp_path / "runs" / "full" / "fold1"
+    assert runs[3].fit_args[runs[3].fit_args.index("--data.fold") + 1] == "1"
+    assert [run.label for run in runner.plan_runs(methods, tmp_path)] == ["lora", "full"]
+
+
 def grid_config(tmp_path: Path, **config) -> Path:
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({"recipe": str(RECIPES / "smoke.yaml")} | config, sort_keys=False))
@@ -798,7 +809,7 @@ def test_the_documented_grid_config_is_eight_methods_on_five_folds(tmp_path):
 def test_cli_sweeps_folds_and_parallel_runs_reach_the_runner(tmp_path, fake_runs, capsys):
     smoke = str(RECIPES / "smoke.yaml")
     main(["compare", "--recipes", smoke, "--output", str(tmp_path / "a"), "--grid", "model.lr=0.1,0.2", "--folds", "2"])
-    assert fake_runs == [(f"smoke.lr-{lr} fold {k}", None) for lr in (0.1, 0.2) for k in (0, 1)]
+    assert fake_runs == [(f"smoke.lr-{lr} fold {k}", None) for k in (0, 1) for lr in (0.1, 0.2)]  # fold by fold
     fake_runs.clear()
     config = grid_config(tmp_path, methods={"lora": {}}, folds=3)
     main(["compare", "--config", str(config), "--output", str(tmp_path / "b"), "--folds", "2", "--parallel", "2"])

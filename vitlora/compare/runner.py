@@ -158,14 +158,16 @@ def plan_runs(
     shared_args: Sequence[str] = (),
     budget: Budget | None = None,
 ) -> list[PlannedRun]:
-    """Every run of the comparison, method by method: one per method, or one per fold when ``folds`` >= 2.
+    """Every run of the comparison: one per method, or one per method and fold when ``folds`` >= 2.
 
+    Folds come outermost (every method's fold 0, then every method's fold 1, ...), so a cross-validation
+    stopped partway has the same folds finished for every method, and what landed can be paired.
     A run's options: its recipe, the shared options, its method's, the budget, its fold, then its folder
     (the run logger's save_dir/name/version and the checkpoints all in it)."""
     budget_args = (budget or Budget()).trainer_args()
     runs = []
-    for method in methods:
-        for fold in range(folds) if folds > 1 else [None]:
+    for fold in range(folds) if folds > 1 else [None]:
+        for method in methods:
             run_dir, fold_args = output / "runs" / method.name, []
             if fold is not None:
                 run_dir, fold_args = run_dir / f"fold{fold}", ["--data.folds", str(folds), "--data.fold", str(fold)]
