@@ -784,7 +784,7 @@ def test_vary_frees_the_listed_options_and_only_them(tmp_path):
     with pytest.raises(ValueError, match=r"`vary:` must list dotted"):
         load_compare_config(grid_config(tmp_path, methods=methods, vary="data.mixup"))
     sweep = load_compare_config(RECIPES / "grocery_sweep.yaml")  # the shipped sweep loads and is fair
-    assert len(sweep.methods) == 9 * 2  # nine levers, each at two resolutions
+    assert len(sweep.methods) == 10 * 2  # nine levers and full fine-tuning, each at two resolutions
     assert {"model.img_size", "data.mixup", "data.class_balance"} <= set(swept_options(sweep.methods))
 
 
