@@ -486,6 +486,38 @@ def test_one_run_is_its_own_result_and_a_failed_fold_fails_the_method():
     assert failed.runs[1]["run_dir"] == "runs/lora/fold1"  # where the report sends the reader for the log
     alone = combine_runs([broken], 0, name="lora")
     assert alone.error == "exit code 1: out of memory" and alone.fit_command == "fit"
+    some = combine_runs([single, broken], 5, [0, 3], name="lora")  # folds 0 and 3 of 5 finished so far
+    assert some.error == "fold 3: exit code 1: out of memory" and some.finished_folds == [0, 3] and some.folds == 5
+    with pytest.raises(ValueError, match=r"2 runs but 1 fold numbers"):
+        combine_runs([single, broken], 5, [0], name="lora")
+
+
+def test_a_stopped_cross_validation_reports_every_method_on_the_folds_all_finished(tmp_path, monkeypatch, no_charts):
+    started = []
+
+    def measure_run(run, latency_rounds=10, gpu=None, resume_from=None):
+        if len(started) == 3:  # from "full fold 1" on: the machine stopped
+            raise KeyboardInterrupt
+        started.append(run.label)
+        return fake_result(run, val={"top1": 0.5 + 0.1 * run.fold + (0.05 if run.method.name == "full" else 0)})
+
+    monkeypatch.setattr(runner, "measure_run", measure_run)
+    monkeypatch.setattr(runner, "visible_gpus", lambda: [])
+    methods = [MethodSpec("lora", RECIPES / "smoke.yaml"), MethodSpec("full", RECIPES / "smoke.yaml")]
+    with pytest.raises(KeyboardInterrupt):
+        compare_methods(methods, tmp_path, folds=3)
+    assert started == ["lora fold 0", "full fold 0", "lora fold 1"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = {r["name"]: r for r in report["methods"]}
+    assert set(rows) == {"lora", "full"}  # lora's fold 1 waits until full's lands: both over fold 0 only
+    assert [run["fold"] for run in rows["lora"]["runs"]] == [0] and rows["lora"]["folds"] == 3
+    assert rows["lora"]["val"]["top1"] == pytest.approx(0.5) and rows["full"]["val"]["top1"] == pytest.approx(0.55)
+    text = (tmp_path / "report.md").read_text()
+    assert "**Partial: 1 of 3 folds have finished for every method (fold 0)**" in text
+    monkeypatch.setattr(runner, "measure_run", lambda run, *args, **kwargs: fake_result(run))
+    results = compare_methods(methods, tmp_path, folds=3, resume=True)
+    assert [r.finished_folds for r in results] == [[0, 1, 2], [0, 1, 2]]
+    assert "Partial" not in (tmp_path / "report.md").read_text()
 
 
 def test_resume_refuses_other_settings_and_warns_without_saved_ones(tmp_path, fake_runs, capsys):
@@ -670,7 +702,7 @@ def test_runs_go_one_per_gpu_at_most_parallel_at_once_and_results_keep_config_or
     results = compare_methods(methods, tmp_path, folds=2, parallel=2)
     assert max(seen) == 2 and len(seen) == 6 and gpus == {"3", "5"}  # the first two of the visible GPUs
     assert [r.name for r in results] == ["a", "b", "c"] and all(r.folds == 2 for r in results)
-    assert len(reported) == 6  # after each run: the methods whose folds have all finished, in config order
+    assert len(reported) == 6  # after each run: every method over the folds all have finished, in config order
     assert [[r.name for r in results] for results in reported][-1] == ["a", "b", "c"]
     assert all([r.name for r in results] == sorted(r.name for r in results) for results in reported)
 

@@ -84,6 +84,14 @@ def _markdown(
         yield ""
     if settings.get("folds"):
         yield f"Folds: {settings['folds']}-fold cross-validation over train+val, one run per method and fold.  "
+        finished = sorted({fold for r in results for fold in r.finished_folds})
+        if len(finished) < settings["folds"]:
+            which = f" (fold{'s' if len(finished) > 1 else ''} {', '.join(map(str, finished))})" if finished else ""
+            yield (
+                f"**Partial: {len(finished)} of {settings['folds']} folds have finished for every method{which}**, "
+                "and every score below is over those folds only (the comparison is still running, or was stopped: "
+                "`--resume` continues it).  "
+            )
     if settings.get("grid"):
         yield f"Grid: the methods sweep {', '.join(f'`{key}`' for key in settings['grid'])}; all else is shared."
     yield ""

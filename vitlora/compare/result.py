@@ -71,24 +71,35 @@ class MethodResult:
         return self.latency_s[kind] / self.latency_s["base"]
 
     @property
+    def finished_folds(self) -> list[int]:
+        """The folds this result combines: fewer than ``folds`` while a cross-validation is under way."""
+        return [run["fold"] for run in self.runs if run["fold"] is not None]
+
+    @property
     def shipped(self) -> tuple[str, int | None]:
         """What a deployment stores per task: the adapter when there is one, else the checkpoint."""
         return ("adapter", self.adapter_bytes) if self.adapter_bytes else ("checkpoint", self.checkpoint_bytes)
 
 
-def combine_runs(runs: Sequence[MethodResult], folds: int = 0, **described: Any) -> MethodResult:
+def combine_runs(
+    runs: Sequence[MethodResult], folds: int = 0, fold_numbers: Sequence[int] | None = None, **described: Any
+) -> MethodResult:
     """One method's result from its runs, in fold order: one run is itself, K fold runs are combined.
 
     val and test: the mean over folds per metric, with the sample standard deviation; val images,
     fit and wall time: the sum (each fold scores its own images); step time, throughput, memory,
     file sizes and latency: the median; what every run shares (parameters, device) is kept. A
-    failed run fails the method, naming the fold. ``described``: the method's own fields (name,
-    recipe, overrides, run_dir)."""
-    labels = [f"fold {fold}: " if folds else "" for fold in range(len(runs))]
+    failed run fails the method, naming the fold. ``fold_numbers``: which of the ``folds`` folds the
+    runs are, when only some have finished (default: all, 0 to K - 1). ``described``: the method's own
+    fields (name, recipe, overrides, run_dir)."""
+    numbers = list(range(len(runs)) if fold_numbers is None else fold_numbers)
+    if len(numbers) != len(runs):
+        raise ValueError(f"{len(runs)} runs but {len(numbers)} fold numbers ({numbers}).")
+    labels = [f"fold {fold}: " if folds else "" for fold in numbers]
     summaries = [
         {"fold": fold if folds else None, "run_dir": r.run_dir, "fit_command": r.fit_command, "error": r.error}
         | {"val": r.val, "val_images": r.val_images, "test": r.test, "wall_s": r.wall_s}
-        for fold, r in enumerate(runs)
+        for fold, r in zip(numbers, runs, strict=True)
     ]
     described |= {"folds": folds, "runs": summaries}
     for name in SHARED_FIELDS:

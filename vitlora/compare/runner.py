@@ -197,16 +197,24 @@ def finished_fold_predictions(method_dir: Path) -> dict[int, Path]:
 def method_results(
     methods: Sequence[MethodSpec], runs: Sequence[PlannedRun], done: Mapping[int, MethodResult]
 ) -> list[MethodResult]:
-    """A result for each method whose runs (``done``: by index in ``runs``) have all finished, in method order."""
+    """A result for each method that has one yet (``done``: finished runs by index in ``runs``), in method order.
+
+    Without folds, a method's result is its run once it finished. Under cross-validation every method is
+    combined over the same folds, those every method has finished, so that a report written partway
+    (or left by a stopped comparison) compares the methods on the same images."""
+    folds = sorted({run.fold for run in runs if run.fold is not None})
+    common = [fold for fold in folds if all(i in done for i, run in enumerate(runs) if run.fold == fold)]
     results = []
     for method in methods:
         own = [index for index, run in enumerate(runs) if run.method.name == method.name]
-        if all(index in done for index in own):
-            first = runs[own[0]]
-            folds = 0 if first.fold is None else len(own)
-            folder = first.run_dir if first.fold is None else first.run_dir.parent
-            described = {"name": method.name, "recipe": str(method.recipe), "overrides": method.overrides}
-            results.append(combine_runs([done[index] for index in own], folds, **described, run_dir=str(folder)))
+        described = {"name": method.name, "recipe": str(method.recipe), "overrides": method.overrides}
+        if not folds:
+            results += [combine_runs([done[i]], 0, **described, run_dir=str(runs[i].run_dir)) for i in own if i in done]
+        elif common:
+            own = [index for index in own if runs[index].fold in common]
+            numbers = [runs[index].fold for index in own]
+            folder = str(runs[own[0]].run_dir.parent)
+            results.append(combine_runs([done[i] for i in own], len(folds), numbers, **described, run_dir=folder))
     return results
 
 
