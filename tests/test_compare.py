@@ -509,7 +509,7 @@ def test_a_stopped_cross_validation_reports_every_method_on_the_folds_all_finish
     assert started == ["lora fold 0", "full fold 0", "lora fold 1"]
     report = json.loads((tmp_path / "report.json").read_text())
     rows = {r["name"]: r for r in report["methods"]}
-    assert set(rows) == {"lora", "full"}  # lora's fold 1 waits until full's lands: both over fold 0 only
+    assert set(rows) == {"lora", "full"} and report["finished_folds"] == [0]  # lora's fold 1 waits for full's
     assert [run["fold"] for run in rows["lora"]["runs"]] == [0] and rows["lora"]["folds"] == 3
     assert rows["lora"]["val"]["top1"] == pytest.approx(0.5) and rows["full"]["val"]["top1"] == pytest.approx(0.55)
     text = (tmp_path / "report.md").read_text()
@@ -518,6 +518,17 @@ def test_a_stopped_cross_validation_reports_every_method_on_the_folds_all_finish
     results = compare_methods(methods, tmp_path, folds=3, resume=True)
     assert [r.finished_folds for r in results] == [[0, 1, 2], [0, 1, 2]]
     assert "Partial" not in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["finished_folds"] == [0, 1, 2]
+
+
+def test_a_failed_fold_fails_its_method_before_the_other_methods_reach_that_fold(tmp_path):
+    methods = [MethodSpec("lora", RECIPES / "smoke.yaml"), MethodSpec("full", RECIPES / "smoke.yaml")]
+    runs = runner.plan_runs(methods, tmp_path, folds=3)
+    done = {index: fake_result(runs[index]) for index in (0, 1)}  # both methods' fold 0
+    done[2] = MethodResult("lora", error="exit code 1: out of memory", run_dir=str(runs[2].run_dir))
+    lora, full = runner.method_results(methods, runs, done)
+    assert not lora.ok and lora.error == "fold 1: exit code 1: out of memory"
+    assert full.ok and full.finished_folds == [0]
 
 
 def test_resume_refuses_other_settings_and_warns_without_saved_ones(tmp_path, fake_runs, capsys):

@@ -32,7 +32,9 @@ def write_report(output: Path, results: Sequence[MethodResult], settings: Mappin
         with atomic_write(output / name) as tmp:
             image.save(tmp, format="PNG")
     paired = [{"method": name, "against": best, **asdict(pair)} for name, pair in pairs.items()]
-    report = {**settings, **environment, "reading": reading, "paired": paired, "methods": [asdict(r) for r in results]}
+    finished = {"finished_folds": finished_folds(results)} if settings.get("folds") else {}
+    report = {**settings, **finished, **environment, "reading": reading, "paired": paired}
+    report["methods"] = [asdict(r) for r in results]
     with atomic_write(output / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     with atomic_write(output / "report.md") as tmp:
@@ -84,7 +86,7 @@ def _markdown(
         yield ""
     if settings.get("folds"):
         yield f"Folds: {settings['folds']}-fold cross-validation over train+val, one run per method and fold.  "
-        finished = sorted({fold for r in results for fold in r.finished_folds})
+        finished = finished_folds(results)
         if len(finished) < settings["folds"]:
             which = f" (fold{'s' if len(finished) > 1 else ''} {', '.join(map(str, finished))})" if finished else ""
             yield (
@@ -259,6 +261,11 @@ def _row(cells: list[str]) -> str:
 def _latency(result: MethodResult, kind: str) -> str:
     ratio = result.latency_ratio(kind)
     return _ms(result.latency_s.get(kind)) + ("" if ratio is None else f" ({ratio:.2f}x)")
+
+
+def finished_folds(results: Sequence[MethodResult]) -> list[int]:
+    """The folds the report covers: all K once the cross-validation is done, fewer while it runs."""
+    return sorted({fold for r in results if r.ok for fold in r.finished_folds})
 
 
 def _percent(value: float | None, sd: float | None = None) -> str:

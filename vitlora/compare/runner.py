@@ -201,7 +201,8 @@ def method_results(
 
     Without folds, a method's result is its run once it finished. Under cross-validation every method is
     combined over the same folds, those every method has finished, so that a report written partway
-    (or left by a stopped comparison) compares the methods on the same images."""
+    (or left by a stopped comparison) compares the methods on the same images; a failed fold run fails
+    its method as soon as it lands."""
     folds = sorted({run.fold for run in runs if run.fold is not None})
     common = [fold for fold in folds if all(i in done for i, run in enumerate(runs) if run.fold == fold)]
     results = []
@@ -210,8 +211,8 @@ def method_results(
         described = {"name": method.name, "recipe": str(method.recipe), "overrides": method.overrides}
         if not folds:
             results += [combine_runs([done[i]], 0, **described, run_dir=str(runs[i].run_dir)) for i in own if i in done]
-        elif common:
-            own = [index for index in own if runs[index].fold in common]
+        elif common or any(i in done and done[i].error for i in own):
+            own = [i for i in own if runs[i].fold in common or (i in done and done[i].error)]  # a failure shows at once
             numbers = [runs[index].fold for index in own]
             folder = str(runs[own[0]].run_dir.parent)
             results.append(combine_runs([done[i] for i in own], len(folds), numbers, **described, run_dir=folder))
