@@ -116,8 +116,8 @@ def _markdown(
     images = {f"{r.val_images} val" + (f", {r.test_images} test" if r.test else "") for r in done}
     yield ""
     if settings.get("folds"):
-        pooled = " / ".join(sorted({str(r.val_images) for r in done}))
-        tested = " / ".join(sorted({str(r.test_images) for r in done if r.test}))
+        pooled = " / ".join(f"{n:,}" for n in sorted({r.val_images for r in done}))
+        tested = " / ".join(f"{n:,}" for n in sorted({r.test_images for r in done if r.test}))
         yield (
             f"Scores in %, mean ± sd over the folds: {settings['folds']}-fold cross-validation over train+val "
             f"({pooled} images), each image scored once, by the fold run that did not train on it"
