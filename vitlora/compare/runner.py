@@ -211,11 +211,12 @@ def method_results(
         described = {"name": method.name, "recipe": str(method.recipe), "overrides": method.overrides}
         if not folds:
             results += [combine_runs([done[i]], 0, **described, run_dir=str(runs[i].run_dir)) for i in own if i in done]
-        elif common or any(i in done and done[i].error for i in own):
-            own = [i for i in own if runs[i].fold in common or (i in done and done[i].error)]  # a failure shows at once
-            numbers = [runs[index].fold for index in own]
+            continue
+        shown = [i for i in own if runs[i].fold in common or (i in done and done[i].error)]  # a failure shows at once
+        if shown:
+            numbers = [runs[i].fold for i in shown]
             folder = str(runs[own[0]].run_dir.parent)
-            results.append(combine_runs([done[i] for i in own], len(folds), numbers, **described, run_dir=folder))
+            results.append(combine_runs([done[i] for i in shown], len(folds), numbers, **described, run_dir=folder))
     return results
 
 
