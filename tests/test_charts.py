@@ -40,6 +40,26 @@ def test_scatter_points_go_right_with_x_and_up_with_y_on_a_log_axis():
     assert full[1] > lora[1] and full[0] < lora[0]  # columns grow right, rows grow down
 
 
+def test_scatter_points_closer_than_min_y_span_stay_close():
+    points = [("lora", 2_000, 95.4), ("full", 100_000, 95.6)]
+    rows = {}
+    for span in (0.0, 2.0):
+        image = scatter_chart("acc", points, "params", "top-1", log_x=True, min_y_span=span)
+        rows[span] = abs(float(pixels_of(image, C0)[:, 0].float().mean() - pixels_of(image, C1)[:, 0].float().mean()))
+    assert rows[0.0] > 0.4 * SIZE[1]  # left alone, 0.2 points fill most of the height
+    assert 0.02 * SIZE[1] < rows[2.0] < 0.15 * SIZE[1]  # a 2-point axis: a tenth of it, still in order
+
+
+def test_scatter_error_bars_reach_plus_and_minus_the_error():
+    points = [("lora", 2_000, 95.0), ("full", 100_000, 95.0)]
+    image = scatter_chart("acc", points, "params", "top-1", log_x=True, y_errors=[1.0, None], min_y_span=4.0)
+    lora, full = (pixels_of(image, rgb)[:, 0] for rgb in (C0, C1))
+    # with no bar a point is a dot about 9 px tall; a 1-point bar on a 4.8-point axis is ~40% of the plot
+    assert int(full.max() - full.min()) < 15
+    assert int(lora.max() - lora.min()) > 0.3 * SIZE[1]
+    assert abs(float(lora.float().mean() - full.float().mean())) < 3  # centred on the point
+
+
 def test_scatter_labels_of_close_points_do_not_overlap():
     figure = new_figure()
     axes = figure.add_subplot()

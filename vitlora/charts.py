@@ -62,14 +62,20 @@ def scatter_chart(
     x_label: str,
     y_label: str,
     log_x: bool = False,
+    y_errors: Sequence[float | None] | None = None,
+    min_y_span: float = 0.0,
 ) -> Image.Image:
     """Labelled points ``(label, x, y)``; ``log_x`` for quantities spanning decades (parameter counts).
 
-    Labels that would overlap are moved apart vertically."""
+    ``y_errors`` draws a bar of plus/minus that much through each point (e.g. the spread over folds),
+    and ``min_y_span`` keeps the y axis at least that tall, so that points closer than the noise do not
+    fill the whole height and look far apart. Labels that would overlap are moved apart vertically."""
     figure = new_figure()
     axes = figure.add_subplot()
     for i, (_, x, y) in enumerate(points):
         axes.scatter([x], [y], s=60, color=color(i), zorder=3)
+        if y_errors and y_errors[i]:
+            axes.errorbar([x], [y], yerr=[y_errors[i]], color=color(i), capsize=5, zorder=2)
     if log_x:
         axes.set_xscale("log")
     axes.set_title(title)
@@ -77,6 +83,10 @@ def scatter_chart(
     axes.set_ylabel(y_label)
     axes.grid(alpha=0.3)
     axes.margins(x=0.25, y=0.2)
+    low, high = axes.get_ylim()
+    if high - low < min_y_span:
+        middle = (low + high) / 2
+        axes.set_ylim(middle - min_y_span / 2, middle + min_y_span / 2)
     _place_labels(figure, axes, points)
     return figure_image(figure)
 

@@ -21,6 +21,10 @@ from vitlora.compare.reading import Standing, comparison_reading, paired_with_be
 from vitlora.compare.result import MethodResult, megabytes
 from vitlora.files import atomic_write
 
+# The accuracy chart's y axis spans at least this many points: two methods 0.2 apart, closer than the
+# noise of a few hundred photos, should look close, not fill the chart's height.
+MIN_TOP1_SPAN = 2.0
+
 
 def write_report(output: Path, results: Sequence[MethodResult], settings: Mapping[str, Any]) -> None:
     """report.md, report.json and the charts, each written atomically."""
@@ -44,14 +48,17 @@ def write_report(output: Path, results: Sequence[MethodResult], settings: Mappin
 def report_charts(results: Sequence[MethodResult]) -> dict[str, Image.Image]:
     done = [r for r in results if r.ok]
     names = [r.name for r in done]
+    scored = [r for r in done if "top1" in r.val and r.trainable]
     memory_kind = next((r.memory_kind for r in done if r.memory_kind), "peak memory")
     return {
         "accuracy_vs_parameters.png": scatter_chart(
             "Val top-1 vs trainable parameters",
-            [(r.name, r.trainable, 100 * r.val["top1"]) for r in done if "top1" in r.val and r.trainable],
+            [(r.name, r.trainable, 100 * r.val["top1"]) for r in scored],
             x_label="trainable parameters (log scale)",
-            y_label="val top-1 (%)",
+            y_label="val top-1 (%), bars: ±1 sd over folds" if any(r.val_sd for r in scored) else "val top-1 (%)",
             log_x=True,
+            y_errors=[100 * r.val_sd.get("top1", 0.0) for r in scored],
+            min_y_span=MIN_TOP1_SPAN,
         ),
         "throughput.png": bar_chart("Training throughput", names, [r.images_per_s for r in done], "images/s"),
         "memory.png": bar_chart(f"Training memory ({memory_kind})", names, [r.peak_memory_mb for r in done], "MB"),
