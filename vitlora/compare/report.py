@@ -49,15 +49,16 @@ def report_charts(results: Sequence[MethodResult]) -> dict[str, Image.Image]:
     done = [r for r in results if r.ok]
     names = [r.name for r in done]
     scored = [r for r in done if "top1" in r.val and r.trainable]
+    spreads = [100 * r.val_sd.get("top1", 0.0) for r in scored]  # over the folds; none for one run each
     memory_kind = next((r.memory_kind for r in done if r.memory_kind), "peak memory")
     return {
         "accuracy_vs_parameters.png": scatter_chart(
             "Val top-1 vs trainable parameters",
             [(r.name, r.trainable, 100 * r.val["top1"]) for r in scored],
             x_label="trainable parameters (log scale)",
-            y_label="val top-1 (%), bars: ±1 sd over folds" if any(r.val_sd for r in scored) else "val top-1 (%)",
+            y_label="val top-1 (%), bars: ±1 sd over folds" if any(spreads) else "val top-1 (%)",
             log_x=True,
-            y_errors=[100 * r.val_sd.get("top1", 0.0) for r in scored],
+            y_errors=spreads,
             min_y_span=MIN_TOP1_SPAN,
         ),
         "throughput.png": bar_chart("Training throughput", names, [r.images_per_s for r in done], "images/s"),
